@@ -1,0 +1,114 @@
+"""ONNX Runtime sessions for sasq-edge folders (and plain float ONNX causal LMs).
+
+Imports only numpy, onnx and onnxruntime: this package runs on a device without torch.
+The session options a model needs (for example ``session.qdqisint8allowed``) are read from its
+``metadata_props``, so users never have to know them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+# written by exporters.passes; repeated here because runtime imports nothing of ours
+META_FORMAT = "sasq.format"
+META_PROFILE = "sasq.profile"
+META_SESSION_OPTIONS = "sasq.session_options"
+REQUIRED_INPUTS = ("input_ids", "attention_mask")
+REQUIRED_OUTPUT = "logits"
+
+
+class RuntimeSetupError(Exception):
+    """A file, provider or option the runtime cannot use; the message says what to do."""
+
+
+@dataclass
+class LMSession:
+    """An ORT session over a causal-LM graph ``(input_ids, attention_mask) -> logits``."""
+
+    session: ort.InferenceSession
+    path: Path
+    providers: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> str | None:
+        return self.metadata.get(META_PROFILE)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """``(B, T)`` int64 token ids -> ``(B, T, V)`` float32 logits (no padding)."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        return self.session.run([REQUIRED_OUTPUT], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+
+
+def resolve_providers(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Map short names (cpu, cuda, tensorrt) to ORT providers, failing clearly on missing ones."""
+    if not names:
+        raise RuntimeSetupError("no execution provider given: use --provider cpu, cuda or tensorrt")
+    available = ort.get_available_providers()
+    out = []
+    for name in names:
+        if name not in PROVIDERS:
+            raise RuntimeSetupError(f"unknown execution provider {name!r}: choose from {', '.join(PROVIDERS)}")
+        if PROVIDERS[name] not in available:
+            raise RuntimeSetupError(
+                f"execution provider {name!r} ({PROVIDERS[name]}) is not in this onnxruntime build "
+                f"(available: {', '.join(available)}): install onnxruntime-gpu for cuda/tensorrt, or use --provider cpu"
+            )
+        out.append(PROVIDERS[name])
+    return out
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The model's ``metadata_props``; fails clearly on a missing or non-ONNX file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeSetupError(f"{path} not found: pass the model.onnx written by sasq-export")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError / RuntimeWarning-like errors on junk
+        raise RuntimeSetupError(f"{path} is not a readable ONNX file ({type(e).__name__}): re-export it with sasq-export") from None
+    if not model.graph.node:
+        raise RuntimeSetupError(f"{path} holds no ONNX graph: re-export it with sasq-export")
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("cpu",), threads: int | None = None) -> LMSession:
+    """Open ``path`` on the given providers with the session options its metadata asks for."""
+    path = Path(path)
+    meta = read_metadata(path)
+    ort_providers = resolve_providers(list(providers))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        options = json.loads(meta.get(META_SESSION_OPTIONS, "{}"))
+    except json.JSONDecodeError:
+        raise RuntimeSetupError(f"{path}: metadata {META_SESSION_OPTIONS} is not JSON: re-export the model") from None
+    for key, value in options.items():
+        so.add_session_config_entry(key, str(value))
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers)
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+        first = str(e).strip().splitlines()[0][:300]
+        raise RuntimeSetupError(f"ONNX Runtime cannot load {path}: {first}") from None
+    inputs = {i.name for i in sess.get_inputs()}
+    outputs = {o.name for o in sess.get_outputs()}
+    if not set(REQUIRED_INPUTS) <= inputs or REQUIRED_OUTPUT not in outputs:
+        raise RuntimeSetupError(
+            f"{path} is not a causal-LM graph: it needs inputs {', '.join(REQUIRED_INPUTS)} and output "
+            f"{REQUIRED_OUTPUT} (it has {', '.join(sorted(inputs))} -> {', '.join(sorted(outputs))}); export it with sasq-export"
+        )
+    return LMSession(sess, path, sess.get_providers(), meta)

@@ -1,0 +1,115 @@
+"""The one frozen configuration of a SASQ run, and the deploy profiles (integer grids)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sasq_edge.errors import ConfigError
+from sasq_edge.quant_math import IntGrid
+
+
+@dataclass(frozen=True)
+class DeployProfile:
+    """How one set of trained scales is encoded for a target (DESIGN.md, "Deploy grids").
+
+    Training and calibration fake-quantize on exactly these grids, so the PyTorch model and the
+    deployed integer model compute the same values. ``session_options`` are the ONNX Runtime
+    session config entries the deployed file needs; the exporter writes them into the model's
+    metadata and the runtime applies them.
+    """
+
+    name: str
+    act: IntGrid
+    weight: IntGrid
+    session_options: tuple[tuple[str, str], ...] = ()
+    description: str = ""
+
+
+PROFILES: dict[str, DeployProfile] = {
+    "trt": DeployProfile(
+        name="trt",
+        act=IntGrid(-128, 127, zero_point=0, dtype="int8"),
+        weight=IntGrid(-127, 127, zero_point=0, dtype="int8"),
+        # ORT CPU only fuses int8-activation QDQ into integer kernels with this switch.
+        session_options=(("session.qdqisint8allowed", "1"),),
+        description="TensorRT explicit quantization: int8 activations per tensor (zero point 0), "
+        "int8 weights in [-127, 127] per output channel",
+    ),
+}
+
+CALIBRATIONS = ("absmax", "percentile", "mse")
+TRUNCATIONS = ("clip", "tanh")
+
+
+def get_profile(name: str) -> DeployProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown deploy profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides what a SASQ run computes. Validated on construction.
+
+    ``targets`` are leaf module names inside the decoder blocks (``q_proj``, ...); ``None`` means
+    the architecture's default set from the registry in ``sasq_edge.arch``.
+    """
+
+    bits: int = 8
+    profile: str = "trt"
+    targets: tuple[str, ...] | None = None
+    calibration: str = "absmax"
+    percentile: float = 99.99
+    calib_batches: int = 8
+    truncation: str = "clip"
+    train_steps: int = 100
+    lr: float = 5e-3
+    batch_size: int = 1
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_profile(self.profile)
+        if self.bits != 8:
+            raise ConfigError(f"bits={self.bits}: every deploy profile is 8-bit; use bits=8")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"unknown calibration {self.calibration!r}: choose one of {', '.join(CALIBRATIONS)}")
+        if self.truncation not in TRUNCATIONS:
+            raise ConfigError(f"unknown truncation {self.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile={self.percentile} must lie in (50, 100]")
+        for name in ("calib_batches", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.train_steps < 0:
+            raise ConfigError(f"train_steps={self.train_steps} must be 0 (calibration only) or more")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+        if self.targets is not None:
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise ConfigError("targets must be a non-empty list of module names such as 'q_proj'")
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def deploy(self) -> DeployProfile:
+        return get_profile(self.profile)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets) if self.targets is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """Strict: an unknown key is an error, never silently ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise ConfigError(f"unknown config key(s) {', '.join(extra)}: valid keys are {', '.join(sorted(known))}")
+        d = dict(d)
+        if d.get("targets") is not None:
+            d["targets"] = tuple(d["targets"])
+        return cls(**d)

@@ -1,0 +1,45 @@
+"""Torch-side perplexity: PPL = exp(mean next-token NLL) over non-overlapping windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class PplResult:
+    ppl: float
+    nll: float  # mean token NLL (nats)
+    tokens: int  # predicted tokens: windows * (seq_len - 1)
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows, "seq_len": self.seq_len}
+
+
+@torch.no_grad()
+def iter_logits(model: nn.Module, windows: np.ndarray, desc: str = "torch") -> Iterator[np.ndarray]:
+    """Float32 logits ``(T, V)`` of each window, one forward pass per window."""
+    for row in tqdm(windows, desc=desc, unit="window"):
+        ids = torch.from_numpy(np.ascontiguousarray(row))[None]  # (1, T)
+        yield model(input_ids=ids).logits[0].float().numpy()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: np.ndarray, desc: str = "torch ppl") -> PplResult:
+    total, count = 0.0, 0
+    for row in tqdm(windows, desc=desc, unit="window"):
+        ids = torch.from_numpy(np.ascontiguousarray(row))[None]  # (1, T)
+        logits = model(input_ids=ids).logits[0, :-1].double()  # (T-1, V)
+        total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    nll = total / count
+    return PplResult(math.exp(nll), nll, count, len(windows), windows.shape[1])

@@ -1,0 +1,106 @@
+"""Loading the float model and its tokenizer from a hub id, a local folder, a ``.gguf`` file or
+the built-in ``tiny-random-llama`` preset (seeded, offline, for tests and quick tries)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sasq_edge.errors import ModelLoadError
+
+TINY_PRESET = "tiny-random-llama"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what to pass to load_model() to get the same model back
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + ``<|endoftext|>``), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.model_max_length = 1 << 30
+    return fast
+
+
+def tiny_random_llama(seed: int = 0) -> LoadedModel:
+    """2 layers, hidden 64, GQA 4/2 heads, byte vocabulary; same weights for the same seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return LoadedModel(model.eval(), tokenizer, TINY_PRESET)
+
+
+def _check_causal(config, spec: str) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(
+            f"{spec!r} is a {config.model_type!r} model with no causal-LM head: sasq-edge quantizes "
+            f"decoder-only causal LMs (Llama, Mistral, Qwen2, SmolLM)"
+        )
+
+
+def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``spec`` in float32, in eval mode, with its tokenizer."""
+    if spec == TINY_PRESET:
+        return tiny_random_llama()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec).expanduser()
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} not found: check the path")
+        source, kwargs["gguf_file"] = str(path.resolve().parent), path.name
+        spec = str(path.resolve())
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model folder, a .gguf file or a hub id")
+        source = spec = str(path.resolve())
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec:
+        raise ModelLoadError(f"model folder {path} not found: check the path, or pass a hub id such as HuggingFaceTB/SmolLM2-135M")
+    else:
+        source = spec  # a hub id
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        _check_causal(config, spec)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load model {spec!r}: {first}") from None
+    return LoadedModel(model.eval(), tokenizer, spec)

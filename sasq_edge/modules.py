@@ -1,0 +1,213 @@
+"""Quantized modules and the module swap: ``prepare(model, config)``.
+
+A ``QuantLinear`` *is* the original ``nn.Linear`` (it shares the same weight and bias
+``Parameter`` objects, so the checkpoint's tensors are never copied or rewritten) plus a static
+per-tensor activation quantizer with a learnable scale and a frozen per-output-channel INT8
+weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sasq_edge.arch import arch_spec
+from sasq_edge.config import QuantConfig
+from sasq_edge.errors import ConfigError
+from sasq_edge.quant_math import (
+    IntGrid,
+    fake_quant,
+    grad_scale,
+    lsq_grad_scale,
+    quantize_to_int,
+    soft_truncate,
+    weight_scales_per_channel,
+)
+
+Mode = Literal["float", "fake", "export"]
+
+_TORCH_INT = {"int8": torch.int8, "uint8": torch.uint8}
+
+
+class ActQuantizer(nn.Module):
+    """Static per-tensor activation quantizer with a learnable, positive scale.
+
+    The scale is stored as ``log_scale`` so that gradient steps can never make it zero or
+    negative. With ``truncation="tanh"`` the input first goes through ``a * tanh(x / a)`` with a
+    learnable ``a`` (stored as ``log_trunc``).
+
+    Modes: ``float`` passes through (calibration observes float activations), ``fake``
+    fake-quantizes with LSQ gradients (training, torch evaluation), ``export`` emits
+    ``quantized_decomposed`` ops with Python-float scales, which the dynamo ONNX exporter turns
+    into ``QuantizeLinear``/``DequantizeLinear`` with constant scales.
+    """
+
+    def __init__(self, grid: IntGrid, truncation: str = "clip") -> None:
+        super().__init__()
+        self.grid = grid
+        self.truncation = truncation
+        self.mode: Mode = "float"
+        self._frozen: tuple[float, float | None] | None = None  # (scale, trunc) as Python floats, for export
+        self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.log_trunc = nn.Parameter(torch.zeros(()), requires_grad=False) if truncation == "tanh" else None
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    @property
+    def trunc(self) -> torch.Tensor | None:
+        return None if self.log_trunc is None else self.log_trunc.exp()
+
+    @torch.no_grad()
+    def set_scale(self, scale: float, trunc: float | None = None) -> None:
+        if not scale > 0:
+            raise ConfigError(f"activation scale {scale} must be positive and finite")
+        self.log_scale.fill_(torch.log(torch.tensor(scale, dtype=torch.float32)))
+        if self.log_trunc is not None:
+            if trunc is None or not trunc > 0:
+                raise ConfigError(f"soft-truncation range {trunc} must be positive and finite")
+            self.log_trunc.fill_(torch.log(torch.tensor(trunc, dtype=torch.float32)))
+
+    def set_mode(self, mode: Mode) -> None:
+        """Switch mode; ``export`` freezes the scales into Python floats first (the exporter
+        traces parameters as graph inputs, so it cannot read them as constants)."""
+        if mode == "export":
+            import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
+
+            trunc = self.trunc
+            self._frozen = (float(self.scale), None if trunc is None else float(trunc))
+        self.mode = mode
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in (self.log_scale, self.log_trunc) if p is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "float":
+            return x
+        if self.mode == "export":
+            return self._export_forward(x)
+        if self.log_trunc is not None:
+            x = soft_truncate(x, self.log_trunc.exp())
+        s = grad_scale(self.log_scale.exp(), lsq_grad_scale(x.numel(), self.grid))
+        return fake_quant(x, s, self.grid)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.grid
+        scale, a = self._frozen
+        if a is not None:
+            x = torch.tanh(x * (1.0 / a)) * a
+        dt = _TORCH_INT[g.dtype]
+        lo, hi = g.qmin + g.zero_point, g.qmax + g.zero_point
+        q = torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, g.zero_point, lo, hi, dt)
+        return torch.ops.quantized_decomposed.dequantize_per_tensor(q, scale, g.zero_point, lo, hi, dt)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with a quantized input and a frozen per-output-channel INT8 weight."""
+
+    def __init__(self, linear: nn.Linear, act_grid: IntGrid, weight_grid: IntGrid, truncation: str) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter objects: nothing is copied
+        self.bias = linear.bias
+        self.weight_grid = weight_grid
+        self.act_quant = ActQuantizer(act_grid, truncation)
+        with torch.no_grad():
+            w = linear.weight.detach().to(torch.float32)
+            scale = weight_scales_per_channel(w, weight_grid)  # (N,)
+            self.register_buffer("weight_int", quantize_to_int(w, scale[:, None], weight_grid).to(torch.int8))
+            self.register_buffer("weight_scale", scale)
+            # float copy of the quantized weight used by fake-quant forward passes
+            self.register_buffer("weight_dq", self.weight_int.to(torch.float32) * scale[:, None], persistent=False)
+
+    @property
+    def mode(self) -> Mode:
+        return self.act_quant.mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.act_quant.mode
+        x = self.act_quant(x)
+        if mode == "float":
+            w = self.weight
+        elif mode == "fake":
+            w = self.weight_dq.to(x.dtype)
+        else:
+            g = self.weight_grid
+            zeros = torch.zeros_like(self.weight_scale, dtype=torch.int64)
+            w = torch.ops.quantized_decomposed.dequantize_per_channel(
+                self.weight_int, self.weight_scale, zeros, 0, g.qmin, g.qmax, torch.int8
+            )
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, act={self.act_quant.grid}"
+
+
+def target_names(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Fully qualified names of the ``nn.Linear`` modules ``config`` quantizes, in model order."""
+    spec = arch_spec(model.config.model_type)
+    leaves = set(config.targets if config.targets is not None else spec.targets)
+    prefix = spec.blocks + "."
+    names = [
+        n for n, m in model.named_modules()
+        if n.startswith(prefix) and n.rsplit(".", 1)[-1] in leaves and isinstance(m, nn.Linear)
+    ]
+    found = {n.rsplit(".", 1)[-1] for n in names}
+    missing = sorted(leaves - found)
+    if missing:
+        raise ConfigError(
+            f"target module(s) {', '.join(missing)} not found in the decoder blocks of this "
+            f"{model.config.model_type} model: valid leaf names are {', '.join(sorted(spec.targets))}"
+        )
+    return names
+
+
+def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Freeze every parameter and swap each target ``nn.Linear`` for a ``QuantLinear``, in place.
+
+    Quantizers start in ``float`` mode with scale 1; ``calibrate`` initialises them.
+    """
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ConfigError("model is already prepared: call prepare() once on a freshly loaded model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    deploy = config.deploy
+    for name in target_names(model, config):
+        parent_name, leaf = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation))
+    return model
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            yield name, m
+
+
+def set_mode(model: nn.Module, mode: Mode) -> None:
+    for _, m in quant_linears(model):
+        m.act_quant.set_mode(mode)
+
+
+@contextlib.contextmanager
+def quant_mode(model: nn.Module, mode: Mode) -> Iterator[None]:
+    """Temporarily switch every quantizer to ``mode``; the previous modes are always restored."""
+    previous = {name: m.act_quant.mode for name, m in quant_linears(model)}
+    try:
+        set_mode(model, mode)
+        yield
+    finally:
+        for name, m in quant_linears(model):
+            m.act_quant.set_mode(previous[name])
+
+
+def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The only parameters SASQ trains: every activation quantizer's scale (and truncation)."""
+    return [p for _, m in quant_linears(model) for p in m.act_quant.trainable()]

@@ -1,0 +1,119 @@
+"""Quantizer math: integer grids, fake quantization with straight-through gradients, scale
+initialisers. Pure tensor functions; nothing here knows about models, transformers or ONNX.
+
+References:
+- LSQ: Esser et al., "Learned Step Size Quantization", ICLR 2020 (step-size gradient, eq. 3,
+  and gradient scale g = 1 / sqrt(N * Q_P), section 2.2).
+- SASQ: arXiv 2512.14481 (static activation scales trained through fake quantization with all
+  weights frozen; PTQ initialisation averaged over calibration batches).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """A symmetric integer grid: values ``q`` in ``[qmin, qmax]``, dequantized as ``q * scale``.
+
+    ``zero_point`` is the offset the deployed integer type stores (128 for uint8 that carries
+    the int8 grid); it never changes the real values the grid represents.
+    """
+
+    qmin: int
+    qmax: int
+    zero_point: int = 0
+    dtype: str = "int8"  # deployed integer type: "int8" or "uint8"
+
+    def __post_init__(self) -> None:
+        if not self.qmin < 0 < self.qmax:
+            raise ValueError(f"grid [{self.qmin}, {self.qmax}] must contain 0 strictly inside")
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (ties to even, as ONNX QuantizeLinear) with identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``g`` (LSQ section 2.2)."""
+    return (x - x * g).detach() + x * g
+
+
+def lsq_grad_scale(numel: int, grid: IntGrid) -> float:
+    """LSQ step-size gradient scale g = 1 / sqrt(N * Q_P), N the elements seen per step."""
+    return 1.0 / math.sqrt(max(numel, 1) * grid.qmax)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Symmetric fake quantization ``clamp(round(x / s), qmin, qmax) * s``.
+
+    With ``round_ste`` the autograd gradient with respect to ``s`` is exactly LSQ's:
+    ``round(x/s) - x/s`` inside the clipping range, ``qmin`` or ``qmax`` outside it; the gradient
+    with respect to ``x`` is 1 inside the range and 0 outside (straight-through estimator).
+    ``scale`` broadcasts against ``x`` (a scalar for per-tensor, ``(C, 1)`` for per-row).
+    """
+    q = torch.clamp(round_ste(x / scale), grid.qmin, grid.qmax)
+    return q * scale
+
+
+def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Integer codes of ``x`` on ``grid`` (no zero point), as int32."""
+    return torch.clamp(torch.round(x / scale), grid.qmin, grid.qmax).to(torch.int32)
+
+
+def soft_truncate(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Non-linear soft truncation ``a * tanh(x / a)``: identity near 0, saturates at +-a."""
+    return a * torch.tanh(x / a)
+
+
+@torch.no_grad()
+def weight_scales_per_channel(weight: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Per-output-channel symmetric scales ``max|W[c, :]| / qmax`` for a ``(N, K)`` weight.
+
+    All-zero rows get scale 1 so that dequantization stays exact (0 * 1 = 0).
+    """
+    amax = weight.detach().abs().amax(dim=1).to(torch.float32)  # (N,)
+    return torch.where(amax > 0, amax / grid.qmax, torch.ones_like(amax))
+
+
+# --- scale initialisers: one value per calibration batch, averaged by the observers ---------
+
+
+@torch.no_grad()
+def absmax_scale(x: torch.Tensor, grid: IntGrid) -> float:
+    """Scale that maps the batch's largest magnitude to the grid's edge."""
+    return float(x.detach().abs().max()) / grid.qmax
+
+
+@torch.no_grad()
+def percentile_scale(x: torch.Tensor, grid: IntGrid, percentile: float) -> float:
+    """Scale that maps the ``percentile``-th percentile of ``|x|`` to the grid's edge."""
+    flat = x.detach().abs().flatten().to(torch.float32)
+    k = max(1, min(flat.numel(), math.ceil(flat.numel() * percentile / 100.0)))
+    return float(flat.kthvalue(k).values) / grid.qmax
+
+
+@torch.no_grad()
+def mse_scale(x: torch.Tensor, grid: IntGrid, candidates: int = 80, min_ratio: float = 0.02) -> float:
+    """Scale whose clipping range ``r * max|x|`` minimises the mean squared quantization error,
+    searched over ``candidates`` ratios ``r`` evenly spaced in ``[min_ratio, 1]``."""
+    flat = x.detach().flatten().to(torch.float32)
+    amax = float(flat.abs().max())
+    if amax == 0.0:
+        return 1.0 / grid.qmax
+    best_scale, best_err = amax / grid.qmax, math.inf
+    for r in torch.linspace(min_ratio, 1.0, candidates).tolist():
+        s = torch.tensor(r * amax / grid.qmax)
+        err = float(torch.mean((fake_quant(flat, s, grid) - flat) ** 2))
+        if err < best_err:
+            best_scale, best_err = float(s), err
+    return best_scale

@@ -1,0 +1,165 @@
+"""``ScaleState``: the one thing that passes from training to export.
+
+On disk, a run folder holds ``scales.safetensors`` (one float32 scalar per tensor, keyed
+``<module>.act_scale`` and, with soft truncation, ``<module>.act_trunc``) and ``recipe.json``
+(format version, config, deploy grids, model fingerprint and source). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sasq_edge import __version__
+from sasq_edge.config import QuantConfig
+from sasq_edge.errors import ConfigError, SasqError, StateError
+from sasq_edge.io import atomic_path, atomic_write_text
+from sasq_edge.modules import prepare, quant_linears
+
+FORMAT_VERSION = 1
+SCALES_FILE = "scales.safetensors"
+RECIPE_FILE = "recipe.json"
+_SCALE, _TRUNC = ".act_scale", ".act_trunc"
+
+# config keys that describe how a model was saved or loaded, not what it computes
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "use_cache", "architectures"}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's architecture config (volatile and private keys dropped)."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_value(name: str, v: float) -> None:
+    if not (math.isfinite(v) and v > 0):
+        raise StateError(f"scale of {name} is {v}: scales must be positive and finite; retrain or recalibrate")
+
+
+@dataclass
+class ScaleState:
+    config: QuantConfig
+    scales: dict[str, float]
+    fingerprint: str
+    model_source: str
+    truncation: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.scales:
+            raise StateError("scale state is empty: it holds no quantized module")
+        for name, v in {**self.scales, **self.truncation}.items():
+            _check_value(name, v)
+        if self.config.truncation == "tanh" and set(self.truncation) != set(self.scales):
+            raise StateError("soft-truncation state must hold one range per quantized module")
+
+    # --- model <-> state ----------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: QuantConfig, model_source: str, training: dict | None = None) -> ScaleState:
+        scales, trunc = {}, {}
+        for name, m in quant_linears(model):
+            scales[name] = float(m.act_quant.scale)
+            if m.act_quant.trunc is not None:
+                trunc[name] = float(m.act_quant.trunc)
+        return cls(config, scales, model_fingerprint(model), model_source, trunc, dict(training or {}))
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Prepare ``model`` with this state's config (if not prepared yet) and load the scales;
+        the quantizers end in fake-quant mode. Fails if the model is not the one trained on."""
+        fp = model_fingerprint(model)
+        if fp != self.fingerprint:
+            raise StateError(
+                f"scales were trained on a different model (fingerprint {self.fingerprint}, this model {fp}, "
+                f"trained on {self.model_source!r}): train scales for this model with sasq-train"
+            )
+        if not any(True for _ in quant_linears(model)):
+            prepare(model, self.config)
+        modules = dict(quant_linears(model))
+        if set(modules) != set(self.scales):
+            diff = sorted(set(modules) ^ set(self.scales))
+            raise StateError(f"scale state and model disagree on quantized modules (e.g. {diff[0]}): retrain the scales")
+        for name, m in modules.items():
+            m.act_quant.set_scale(self.scales[name], self.truncation.get(name))
+            m.act_quant.set_mode("fake")
+        return model
+
+    # --- files --------------------------------------------------------------------------------
+
+    def recipe(self) -> dict[str, Any]:
+        deploy = self.config.deploy
+        return {
+            "format": "sasq-scale-state",
+            "version": self.version,
+            "sasq_version": __version__,
+            "config": self.config.to_dict(),
+            "deploy": {
+                "profile": deploy.name,
+                "act": dataclasses.asdict(deploy.act),
+                "weight": dataclasses.asdict(deploy.weight),
+            },
+            "model": {"source": self.model_source, "fingerprint": self.fingerprint},
+            "modules": sorted(self.scales),
+            "training": self.training,
+        }
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {n + _SCALE: torch.tensor(v, dtype=torch.float32) for n, v in self.scales.items()}
+        tensors.update({n + _TRUNC: torch.tensor(v, dtype=torch.float32) for n, v in self.truncation.items()})
+        with atomic_path(run_dir / SCALES_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "sasq-scale-state", "version": str(self.version)})
+        atomic_write_text(run_dir / RECIPE_FILE, json.dumps(self.recipe(), indent=2) + "\n")
+        return run_dir
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> ScaleState:
+        run_dir = Path(run_dir)
+        recipe_path, scales_path = run_dir / RECIPE_FILE, run_dir / SCALES_FILE
+        for p in (recipe_path, scales_path):
+            if not p.is_file():
+                raise StateError(f"{p} not found: pass the folder written by sasq-train (it holds {RECIPE_FILE} and {SCALES_FILE})")
+        try:
+            recipe = json.loads(recipe_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateError(f"{recipe_path} is not valid JSON ({e}): rewrite it with sasq-train") from None
+        if not isinstance(recipe, dict) or recipe.get("format") != "sasq-scale-state":
+            raise StateError(f"{recipe_path} is not a sasq scale recipe: pass the folder written by sasq-train")
+        if recipe.get("version") != FORMAT_VERSION:
+            raise StateError(
+                f"{recipe_path} has format version {recipe.get('version')}, this sasq-edge {__version__} reads "
+                f"version {FORMAT_VERSION}: retrain the scales with this version"
+            )
+        try:
+            config = QuantConfig.from_dict(recipe["config"])
+            fingerprint = recipe["model"]["fingerprint"]
+            source = recipe["model"]["source"]
+        except KeyError as e:
+            raise StateError(f"{recipe_path} lacks the field {e}: rewrite it with sasq-train") from None
+        except (ConfigError, TypeError) as e:
+            raise StateError(f"{recipe_path}: {e}") from None
+        try:
+            tensors = load_file(str(scales_path))
+        except (SafetensorError, OSError) as e:
+            raise StateError(f"{scales_path} is not a readable safetensors file ({e}): rewrite it with sasq-train") from None
+        scales = {k[: -len(_SCALE)]: float(v) for k, v in tensors.items() if k.endswith(_SCALE)}
+        trunc = {k[: -len(_TRUNC)]: float(v) for k, v in tensors.items() if k.endswith(_TRUNC)}
+        if sorted(scales) != sorted(recipe.get("modules", [])):
+            raise StateError(f"{scales_path} and {recipe_path} list different modules: the folder is damaged, retrain")
+        try:
+            return cls(config, scales, fingerprint, source, trunc, recipe.get("training", {}))
+        except SasqError as e:
+            raise StateError(f"{scales_path}: {e}") from None
