@@ -1,0 +1,199 @@
+"""Every command once on the tiny preset, and every bad input it can meet: message, exit code,
+and no partial output left behind."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sasq_edge.cli import export_main, ppl_main, train_main, validate_main
+
+TINY = ["--model", "tiny-random-llama", "--seq-len", "64"]
+
+
+def _json_tail(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def _error(capsys, code, expected_code=2) -> str:
+    assert code == expected_code
+    err = capsys.readouterr().err.strip().splitlines()
+    line = err[-1]
+    assert line.count("error:") == 1
+    return line
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    d = tmp_path_factory.mktemp("run")
+    code = train_main([str(d), *TINY, "--data-dir", str(data_dir), "--train-steps", "2", "--calib-batches", "2", "--json"])
+    assert code == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, run_dir, data_dir):
+    out = tmp_path_factory.mktemp("out") / "model.onnx"
+    assert export_main([str(out), *TINY, "--scales", str(run_dir)]) == 0
+    return out
+
+
+def test_train(run_dir):
+    assert (run_dir / "recipe.json").is_file() and (run_dir / "scales.safetensors").is_file()
+    recipe = json.loads((run_dir / "recipe.json").read_text())
+    assert recipe["training"]["steps"] == 2 and recipe["model"]["source"] == "tiny-random-llama"
+
+
+def test_export_with_scales_json(tmp_path, run_dir, capsys):
+    out = tmp_path / "m" / "model.onnx"
+    assert export_main([str(out), *TINY, "--scales", str(run_dir), "--json"]) == 0
+    res = _json_tail(capsys)
+    assert res["quantize_linear"] == 14 and res["dequantize_linear"] == 28 and res["profile"] == "trt"
+    assert res["bytes"] == out.stat().st_size and res["onnx"] == str(out)
+
+
+def test_export_trains_when_no_scales(tmp_path, data_dir, capsys):
+    out = tmp_path / "model.onnx"
+    code = export_main([str(out), *TINY, "--data-dir", str(data_dir), "--train-steps", "1", "--calib-batches", "1", "--json"])
+    assert code == 0 and _json_tail(capsys)["quantize_linear"] == 14
+    assert json.loads((tmp_path / "recipe.json").read_text())["training"]["steps"] == 1
+
+
+def test_ppl_and_validate(exported, data_dir, capsys):
+    assert ppl_main([str(exported), "--data-dir", str(data_dir), "--seq-len", "64", "--max-windows", "3", "--json"]) == 0
+    res = _json_tail(capsys)
+    assert res["windows"] == 3 and res["seq_len"] == 64 and res["tokens"] == 3 * 63
+    assert res["provider"] == "CPUExecutionProvider" and 1 < res["ppl"] < 1e4
+    code = validate_main([str(exported), "--data-dir", str(data_dir), "--seq-len", "64", "--max-windows", "3", "--json"])
+    rep = _json_tail(capsys)
+    assert code == 0 and rep["passed"] is True
+    assert rep["ppl_onnx"] == pytest.approx(res["ppl"], rel=1e-9)
+    assert rep["rel_diff"] < 1e-4 and rep["top1_agreement"] == 1.0
+
+
+def test_validate_exit_code_1_on_failed_parity(exported, data_dir, capsys):
+    code = validate_main([str(exported), "--data-dir", str(data_dir), "--seq-len", "64", "--max-windows", "1",
+                          "--min-top1", "1.01", "--json"])
+    assert code == 1 and _json_tail(capsys)["passed"] is False
+
+
+def test_ppl_on_float_onnx(tmp_path, data_dir, capsys):
+    out = tmp_path / "model.onnx"
+    assert export_main([str(out), *TINY, "--float"]) == 0
+    capsys.readouterr()
+    assert ppl_main([str(out), "--data-dir", str(data_dir), "--seq-len", "64", "--max-windows", "2", "--json"]) == 0
+    assert _json_tail(capsys)["windows"] == 2
+
+
+def test_console_scripts_have_help():
+    for cmd in ("sasq-train", "sasq-export", "sasq-ppl", "sasq-validate"):
+        exe = f"{sys.prefix}/bin/{cmd}"
+        r = subprocess.run([exe, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "--json" in r.stdout, cmd
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_missing_model(tmp_path, capsys):
+    code = export_main([str(tmp_path / "model.onnx"), "--model", str(tmp_path / "no-such-model"), "--float"])
+    assert "not found" in _error(capsys, code)
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_causal_model(tmp_path, capsys):
+    from transformers import T5Config
+
+    folder = tmp_path / "t5"  # encoder-decoder: no causal-LM head
+    T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2).save_pretrained(folder)
+    code = export_main([str(tmp_path / "out" / "model.onnx"), "--model", str(folder), "--float"])
+    assert "no causal-LM head" in _error(capsys, code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_and_foreign_onnx(tmp_path, data_dir, capsys):
+    junk = tmp_path / "model.onnx"
+    junk.write_bytes(b"this is not protobuf" * 10)
+    code = ppl_main([str(junk), "--data-dir", str(data_dir)])
+    assert "ONNX" in _error(capsys, code)
+    code = validate_main([str(junk), "--data-dir", str(data_dir)])
+    assert "ONNX" in _error(capsys, code)
+
+
+def test_validate_refuses_float_model(tmp_path, data_dir, capsys):
+    out = tmp_path / "model.onnx"
+    assert export_main([str(out), *TINY, "--float"]) == 0
+    capsys.readouterr()
+    code = validate_main([str(out), "--data-dir", str(data_dir), "--seq-len", "64"])
+    assert "no sasq deploy profile" in _error(capsys, code)
+
+
+def test_scales_from_another_model(tmp_path, run_dir, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sasq_edge.models import byte_tokenizer
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    out = tmp_path / "out" / "model.onnx"
+    code = export_main([str(out), "--model", str(other), "--scales", str(run_dir)])
+    assert "different model" in _error(capsys, code)
+    assert not out.exists()
+
+
+def test_scales_from_another_version(tmp_path, run_dir, capsys):
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    recipe = json.loads((bad / "recipe.json").read_text())
+    recipe["version"] = 2
+    (bad / "recipe.json").write_text(json.dumps(recipe))
+    code = export_main([str(tmp_path / "model.onnx"), *TINY, "--scales", str(bad)])
+    assert "format version 2" in _error(capsys, code)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0])
+def test_nan_or_zero_scales(tmp_path, run_dir, capsys, bad):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    t = load_file(str(run / "scales.safetensors"))
+    t[sorted(t)[0]] = torch.tensor(bad)
+    save_file(t, str(run / "scales.safetensors"))
+    code = export_main([str(tmp_path / "out" / "model.onnx"), *TINY, "--scales", str(run)])
+    assert "positive and finite" in _error(capsys, code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sequence_longer_than_context(tmp_path, exported, data_dir, capsys):
+    code = train_main([str(tmp_path / "run"), "--model", "tiny-random-llama", "--seq-len", "4096", "--data-dir", str(data_dir)])
+    assert "exceeds the model's context of 1024" in _error(capsys, code)
+    code = ppl_main([str(exported), "--data-dir", str(data_dir), "--seq-len", "2048"])
+    assert "exceeds the model's context" in _error(capsys, code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_profile_and_provider(tmp_path, exported, data_dir, capsys):
+    code = train_main([str(tmp_path / "run"), *TINY, "--profile", "tensorrt-fp4", "--data-dir", str(data_dir)])
+    assert "unknown deploy profile 'tensorrt-fp4'" in _error(capsys, code)
+    code = ppl_main([str(exported), "--provider", "rocm", "--data-dir", str(data_dir)])
+    assert "unknown execution provider 'rocm'" in _error(capsys, code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_and_bad_flags(tmp_path, no_data_env, capsys):
+    code = train_main([str(tmp_path / "run"), *TINY, "--data-dir", str(tmp_path / "nowhere")])
+    assert "wiki.valid.tokens" in _error(capsys, code)
+    with pytest.raises(SystemExit) as e:
+        export_main([str(tmp_path / "model.onnx")])  # no --model
+    assert e.value.code == 2
+    assert "--model" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sasq_edge.calibrate import calibrate
+from sasq_edge.config import QuantConfig
+from sasq_edge.errors import StateError
+from sasq_edge.models import tiny_random_llama
+from sasq_edge.modules import prepare, quant_linears
+from sasq_edge.state import RECIPE_FILE, SCALES_FILE, ScaleState, model_fingerprint
+
+
+@pytest.fixture
+def state(tiny, config, windows) -> ScaleState:
+    prepare(tiny.model, config)
+    calibrate(tiny.model, [windows[:1]], config)
+    return ScaleState.from_model(tiny.model, config, tiny.source, {"steps": 0})
+
+
+def test_round_trip(state, tmp_path):
+    state.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RECIPE_FILE, SCALES_FILE]
+    back = ScaleState.load(tmp_path)
+    assert back.scales == state.scales  # float32 values survive exactly
+    assert back.config == state.config and back.fingerprint == state.fingerprint
+    model = tiny_random_llama().model
+    back.apply(model)
+    got = {n: float(m.act_quant.scale) for n, m in quant_linears(model)}
+    for n, v in state.scales.items():
+        assert got[n] == pytest.approx(v, rel=1e-6)
+
+
+def test_other_model_is_refused(state):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    assert model_fingerprint(other) != state.fingerprint
+    with pytest.raises(StateError, match="different model"):
+        state.apply(other)
+
+
+def test_other_version_is_refused(state, tmp_path):
+    state.save(tmp_path)
+    recipe = json.loads((tmp_path / RECIPE_FILE).read_text())
+    recipe["version"] = 99
+    (tmp_path / RECIPE_FILE).write_text(json.dumps(recipe))
+    with pytest.raises(StateError, match="format version 99"):
+        ScaleState.load(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf")])
+def test_bad_scale_values_are_refused(state, tmp_path, bad):
+    state.save(tmp_path)
+    tensors = load_file(str(tmp_path / SCALES_FILE))
+    key = sorted(tensors)[3]
+    tensors[key] = torch.tensor(bad)
+    save_file(tensors, str(tmp_path / SCALES_FILE))
+    with pytest.raises(StateError, match="positive and finite"):
+        ScaleState.load(tmp_path)
+
+
+def test_damaged_files_are_refused(state, tmp_path):
+    state.save(tmp_path)
+    (tmp_path / SCALES_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(StateError, match="not a readable safetensors"):
+        ScaleState.load(tmp_path)
+    (tmp_path / RECIPE_FILE).write_text("{")
+    with pytest.raises(StateError, match="not valid JSON"):
+        ScaleState.load(tmp_path)
+    with pytest.raises(StateError, match="not found"):
+        ScaleState.load(tmp_path / "nowhere")
+
+
+def test_misspelt_recipe_key_is_refused(state, tmp_path):
+    state.save(tmp_path)
+    recipe = json.loads((tmp_path / RECIPE_FILE).read_text())
+    recipe["config"]["learning_rate"] = 0.1
+    (tmp_path / RECIPE_FILE).write_text(json.dumps(recipe))
+    with pytest.raises(StateError, match="learning_rate"):
+        ScaleState.load(tmp_path)
+
+
+def test_state_refuses_nan_on_construction(state):
+    with pytest.raises(StateError, match="positive and finite"):
+        ScaleState(state.config, {**state.scales, "x": math.nan}, state.fingerprint, state.model_source)
+
+
+def test_recipe_records_the_deploy_grid(state):
+    r = state.recipe()
+    assert r["deploy"]["act"] == {"qmin": -128, "qmax": 127, "zero_point": 0, "dtype": "int8"}
+    assert r["deploy"]["weight"]["qmin"] == -127
+    assert r["config"] == QuantConfig(seq_len=64, calib_batches=2, train_steps=3, lr=0.05).to_dict()
