@@ -1,0 +1,90 @@
+"""SmolLM2-135M-Instruct (Q4_1-dequantized) from ../shared/assets: a few minutes in all.
+
+The model folder is made once per machine by ../shared/assets/materialize_smollm2.py into
+``$SASQ_SMOLLM2_DIR`` (default ``~/.cache/sasq-assets/smollm2-135m-instruct``), outside the repo.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import export_onnx
+from runtime import ParityAccumulator, open_session
+from runtime.perplexity import iter_logits as onnx_logits
+from sasq_edge.config import QuantConfig
+from sasq_edge.data import load_text, make_windows, tokenize
+from sasq_edge.evaluate import iter_logits, perplexity
+from sasq_edge.models import load_model
+from sasq_edge.pipeline import run_sasq
+
+pytestmark = pytest.mark.real_model
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+WIKITEXT = ASSETS / "wikitext2"
+MODEL_DIR = Path(os.environ.get("SASQ_SMOLLM2_DIR", Path.home() / ".cache" / "sasq-assets" / "smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> Path:
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        script = ASSETS / "materialize_smollm2.py"
+        if not script.is_file():
+            pytest.skip(f"SmolLM2 assets not found at {ASSETS}; set SASQ_SMOLLM2_DIR to a materialized folder")
+        subprocess.run([sys.executable, str(script), str(MODEL_DIR)], check=True)
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def sasq_export(smollm2_dir, tmp_path_factory):
+    """Calibrate on 2 validation windows, train 2 steps, export: the product path in miniature."""
+    lm = load_model(str(smollm2_dir))
+    cfg = QuantConfig(seq_len=256, calib_batches=2, train_steps=2, lr=0.01)
+    state, report = run_sasq(lm, cfg, WIKITEXT, progress=False)
+    out = tmp_path_factory.mktemp("smollm2") / "model.onnx"
+    res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer)
+    test = make_windows(tokenize(load_text("test", WIKITEXT), lm.tokenizer), 256, 2)
+    return lm, state, report, res, test
+
+
+def test_real_model_facts(smollm2_dir):
+    lm = load_model(str(smollm2_dir))
+    assert lm.model.config.model_type == "llama" and lm.model.config.num_hidden_layers == 30
+    assert sum(p.numel() for p in lm.model.parameters()) == 134_515_008
+    tokens = tokenize(load_text("test", WIKITEXT), lm.tokenizer)
+    assert tokens.shape[0] == 304_986  # the protocol's token count (assets README)
+    fp32 = perplexity(lm.model, make_windows(tokens, 512, 2))
+    assert 10 < fp32.ppl < 60  # a random model of this vocabulary gives tens of thousands
+
+
+def test_real_export_structure(sasq_export):
+    _, state, report, res, _ = sasq_export
+    assert len(state.scales) == 30 * 7
+    assert report.trainable_parameters == 210 and report.steps == 2
+    d = res.to_dict()
+    # after training every layer has its own scale, so no two quantizers merge
+    assert d["quantize_linear"] == 210 and d["dequantize_linear"] == 420
+    assert d["bytes"] < 260e6  # INT8 decoder weights + float embedding (the float export is 542 MB)
+
+
+def test_real_onnx_parity(sasq_export):
+    lm, _, _, res, test = sasq_export
+    acc = ParityAccumulator()
+    sess = open_session(res.onnx)
+    for row, lt, lo in zip(test, iter_logits(lm.model, test), onnx_logits(sess, test), strict=True):
+        acc.update(row, lt, lo)
+    rep = acc.report(rel_tol=0.005, min_top1=0.99)
+    assert rep.passed, rep.to_dict()
+    assert np.isfinite(rep.ppl_onnx) and rep.ppl_onnx < 200
+
+
+def test_real_weights_untouched(sasq_export, smollm2_dir):
+    lm, *_ = sasq_export
+    fresh = load_model(str(smollm2_dir)).model.state_dict()
+    trained = lm.model.state_dict()
+    for k, v in fresh.items():
+        assert torch.equal(trained[k], v), k
