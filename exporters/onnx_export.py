@@ -70,12 +70,16 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def to_onnx_proto(model: nn.Module, opset: int = OPSET) -> onnx.ModelProto:
-    """Trace ``model`` (quantizers in export mode, if any) into an ONNX ``ModelProto``."""
+def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int = OPSET) -> onnx.ModelProto:
+    """Trace ``model`` (quantizers in export mode, if any) into an ONNX ``ModelProto``; with
+    ``state``, the graph's scale constants are exactly the state's values."""
     ids = torch.zeros(2, 16, dtype=torch.long)  # batch 2: a size-1 example would specialise the batch axis
     dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     with quant_mode(model, "export"), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if state is not None:
+            for name, m in quant_linears(model):
+                m.act_quant.freeze(state.scales[name], state.truncation.get(name))
         # the exporter narrates each stage on stdout; keep stdout for our summary and JSON line
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
@@ -112,7 +116,7 @@ def export_onnx(
         raise ExportError("a quantized model needs its ScaleState to export: pass state=ScaleState.from_model(...)")
     if state is not None:
         state.apply(model)  # the exported scales are exactly the state's, whatever the model held
-    proto = to_onnx_proto(model, opset)
+    proto = to_onnx_proto(model, state, opset)
     props = {META_VERSION: sasq_edge.__version__}
     if state is not None:
         proto = pretranspose_int8_weights(proto)

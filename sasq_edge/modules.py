@@ -75,14 +75,18 @@ class ActQuantizer(nn.Module):
             self.log_trunc.fill_(torch.log(torch.tensor(trunc, dtype=torch.float32)))
 
     def set_mode(self, mode: Mode) -> None:
-        """Switch mode; ``export`` freezes the scales into Python floats first (the exporter
-        traces parameters as graph inputs, so it cannot read them as constants)."""
+        """Switch mode; ``export`` freezes the current scales into Python floats first (the
+        exporter traces parameters as graph inputs, so it cannot read them as constants)."""
         if mode == "export":
-            import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
-
             trunc = self.trunc
-            self._frozen = (float(self.scale), None if trunc is None else float(trunc))
+            self.freeze(float(self.scale), None if trunc is None else float(trunc))
         self.mode = mode
+
+    def freeze(self, scale: float, trunc: float | None = None) -> None:
+        """Set the constants the ``export`` forward emits (exactly these floats, no log/exp)."""
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
+
+        self._frozen = (scale, trunc)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in (self.log_scale, self.log_trunc) if p is not None]

@@ -92,6 +92,9 @@ class ScaleState:
             diff = sorted(set(modules) ^ set(self.scales))
             raise StateError(f"scale state and model disagree on quantized modules (e.g. {diff[0]}): retrain the scales")
         for name, m in modules.items():
+            if m.act_quant.grid != self.config.deploy.act:
+                raise StateError(f"{name} is prepared for another deploy grid than this state's profile "
+                                 f"{self.config.profile!r}: apply the state to a freshly loaded model")
             m.act_quant.set_scale(self.scales[name], self.truncation.get(name))
             m.act_quant.set_mode("fake")
         return model

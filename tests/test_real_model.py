@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from exporters import export_onnx
 from runtime import ParityAccumulator, open_session
@@ -69,6 +71,10 @@ def test_real_export_structure(sasq_export):
     # after training every layer has its own scale, so no two quantizers merge
     assert d["quantize_linear"] == 210 and d["dequantize_linear"] == 420
     assert d["bytes"] < 260e6  # INT8 decoder weights + float embedding (the float export is 542 MB)
+    model = onnx.load(str(res.onnx))
+    inits = {t.name: t for t in model.graph.initializer}
+    q_scales = sorted(float(numpy_helper.to_array(inits[n.input[1]])) for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert q_scales == sorted(float(np.float32(v)) for v in state.scales.values())
 
 
 def test_real_onnx_parity(sasq_export):
