@@ -175,3 +175,25 @@ def test_pretranspose_pass_leaves_shared_weights_alone():
     model.graph.output.append(helper.make_tensor_value_info("w_dq", TensorProto.FLOAT, [4, 6]))
     out = pretranspose_int8_weights(model)
     assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "Transpose", "MatMul"]
+
+
+def test_external_data_above_threshold(tiny, config, monkeypatch, tmp_path):
+    import exporters.onnx_export as oe
+
+    monkeypatch.setattr(oe, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the model were over 2 GB
+    prepare(tiny.model, config)
+    calibrate(tiny.model, [torch.randint(0, 257, (1, 32))], config)
+    state = ScaleState.from_model(tiny.model, config, tiny.source)
+    res = export_onnx(tiny.model, tmp_path / "model.onnx", state=state)
+    data = tmp_path / "model.onnx.data"
+    assert res.external_data and data.is_file()
+    assert res.bytes == res.onnx.stat().st_size + data.stat().st_size
+    # every tensor of 1 KiB or more lives in the data file: the INT8 weights and the float embedding
+    from sasq_edge.modules import quant_linears
+
+    int8 = sum(m.weight_int.numel() for _, m in quant_linears(tiny.model))
+    assert data.stat().st_size == int8 + tiny.model.model.embed_tokens.weight.numel() * 4
+    ids = np.arange(20, dtype=np.int64)[None]
+    with torch.no_grad():
+        ref = tiny.model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(open_session(res.onnx).logits(ids) - ref).max() < 1e-4

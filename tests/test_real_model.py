@@ -94,3 +94,13 @@ def test_real_weights_untouched(sasq_export, smollm2_dir):
     trained = lm.model.state_dict()
     for k, v in fresh.items():
         assert torch.equal(trained[k], v), k
+
+
+def test_gguf_file_loads_as_model():
+    gguf = ASSETS / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} not found")
+    lm = load_model(str(gguf))
+    assert lm.model.config.model_type == "llama" and lm.model.config.num_hidden_layers == 30
+    assert lm.source == str(gguf.resolve())
+    assert len(lm.tokenizer("The quick brown fox")["input_ids"]) > 0
