@@ -26,7 +26,8 @@ import torch
 
 import sasq_edge
 from exporters import export_onnx
-from runtime import ParityAccumulator, open_session
+from runtime import open_session
+from runtime.parity import compare
 from runtime.perplexity import iter_logits as onnx_logits
 from sasq_edge.calibrate import calibrate
 from sasq_edge.config import QuantConfig
@@ -88,10 +89,7 @@ def main() -> None:
         res = export_onnx(model, Path(tmp) / "model.onnx", state=state, tokenizer=lm.tokenizer)
         export_s = time.perf_counter() - t0
         sess = open_session(res.onnx, ["cpu"], args.threads)
-        acc = ParityAccumulator()
-        for ids, lt, lo in zip(test, iter_logits(model, test), onnx_logits(sess, test), strict=True):
-            acc.update(ids, lt, lo)
-    parity = acc.report()
+        parity = compare(test, iter_logits(model, test), onnx_logits(sess, test)).report()
     steps = f"{report.steps} steps x {cfg.batch_size} x {cfg.seq_len} = {report.tokens} validation tokens"
     row(f"SASQ static W8A8 ({cfg.calibration} init, {steps}), PyTorch fake-quant", parity.ppl_torch)
     row("SASQ static W8A8, ONNX Runtime CPU (exported QDQ, profile trt)", parity.ppl_onnx,

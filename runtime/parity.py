@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,3 +80,11 @@ class ParityAccumulator:
             rel_tol=rel_tol,
             min_top1=min_top1,
         )
+
+
+def compare(windows: np.ndarray, logits_a: Iterable[np.ndarray], logits_b: Iterable[np.ndarray]) -> ParityAccumulator:
+    """Feed two per-window logit streams (e.g. PyTorch and ONNX Runtime) over the same windows."""
+    acc = ParityAccumulator()
+    for ids, a, b in zip(windows, logits_a, logits_b, strict=True):
+        acc.update(ids, a, b)
+    return acc

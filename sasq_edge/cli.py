@@ -226,7 +226,8 @@ def _validate(argv: list[str] | None) -> int:
     _add_data_args(p)
     _add_runtime_args(p)
     args = p.parse_args(argv)
-    from runtime import ParityAccumulator, open_session
+    from runtime import open_session
+    from runtime.parity import compare
     from runtime.perplexity import iter_logits as onnx_logits
     from sasq_edge.evaluate import iter_logits
     from sasq_edge.models import load_model
@@ -240,10 +241,7 @@ def _validate(argv: list[str] | None) -> int:
     lm = load_model(args.model or state.model_source, trust_remote_code=args.trust_remote_code)
     state.apply(lm.model)
     windows = _eval_windows(args, path, lm.tokenizer)
-    acc = ParityAccumulator()
-    for row, lt, lo in zip(windows, iter_logits(lm.model, windows), onnx_logits(sess, windows), strict=True):
-        acc.update(row, lt, lo)
-    rep = acc.report(args.rel_tol, args.min_top1)
+    rep = compare(windows, iter_logits(lm.model, windows), onnx_logits(sess, windows)).report(args.rel_tol, args.min_top1)
     verdict = "PASSED" if rep.passed else "FAILED"
     _emit(args, f"parity {verdict}: ppl torch {rep.ppl_torch:.4f}, onnx {rep.ppl_onnx:.4f} "
           f"(rel diff {rep.rel_diff:.2e}, tol {rep.rel_tol}), top-1 agreement {rep.top1_agreement:.4f}, "

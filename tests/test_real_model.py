@@ -16,7 +16,8 @@ import torch
 from onnx import numpy_helper
 
 from exporters import export_onnx
-from runtime import ParityAccumulator, open_session
+from runtime import open_session
+from runtime.parity import compare
 from runtime.perplexity import iter_logits as onnx_logits
 from sasq_edge.config import QuantConfig
 from sasq_edge.data import load_text, make_windows, tokenize
@@ -91,10 +92,7 @@ def test_real_onnx_parity(sasq_export):
 
 
 def _parity(model, sess, windows):
-    acc = ParityAccumulator()
-    for row, lt, lo in zip(windows, iter_logits(model, windows), onnx_logits(sess, windows), strict=True):
-        acc.update(row, lt, lo)
-    return acc.report(rel_tol=0.005, min_top1=0.99)
+    return compare(windows, iter_logits(model, windows), onnx_logits(sess, windows)).report(rel_tol=0.005, min_top1=0.99)
 
 
 def test_real_two_layer_parity(smollm2_dir, tmp_path):
