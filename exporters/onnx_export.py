@@ -56,7 +56,7 @@ class ExportResult:
 
 
 class _LogitsOnly(nn.Module):
-    """``(input_ids, attention_mask) -> logits``: the names ORTModelForCausalLM uses."""
+    """``(input_ids, attention_mask) -> logits``: no cache; the smallest graph."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -66,15 +66,83 @@ class _LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+class _WithCache(nn.Module):
+    """One graph for prefill and decode, with ORTModelForCausalLM's names and layout:
+    ``input_ids, attention_mask, position_ids, past_key_values.{i}.key|value`` ->
+    ``logits, present.{i}.key|value``, caches ``[batch, kv_heads, past_sequence, head_dim]``.
+    Prefill passes a past of length 0; ``present`` is the past with this call's keys appended.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.model.config)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        )
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Shape facts of the KV cache, read from the model config (the runtime reads them back from
+    the graph's input shapes)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> CacheLayout:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim)
+
+    def names(self) -> tuple[list[str], list[str]]:
+        past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        return past, present
+
+
 def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int = OPSET) -> onnx.ModelProto:
+def _export_args(model: nn.Module, kv_cache: bool):
+    """Example inputs, names and dynamic axes. Batch 2 and lengths > 1: a size-1 example would
+    specialise that axis."""
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    if not kv_cache:
+        dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+        return _LogitsOnly(model), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], ["logits"], dyn
+    layout = CacheLayout.of(model.config)
+    past_names, present_names = layout.names()
+    past_len = 3
+    mask = torch.ones(2, past_len + ids.shape[1], dtype=torch.long)
+    pos = torch.arange(past_len, past_len + ids.shape[1])[None].expand(2, -1).contiguous()
+    past = [torch.zeros(2, layout.kv_heads, past_len, layout.head_dim) for _ in past_names]
+    batch, seq, total = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("total_sequence")
+    past_seq = torch.export.Dim("past_sequence")
+    dyn = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past_seq} for _ in past_names),
+    }
+    names = ["input_ids", "attention_mask", "position_ids", *past_names]
+    return _WithCache(model), (ids, mask, pos, *past), names, ["logits", *present_names], dyn
+
+
+def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int = OPSET, kv_cache: bool = True) -> onnx.ModelProto:
     """Trace ``model`` (quantizers in export mode, if any) into an ONNX ``ModelProto``; with
     ``state``, the graph's scale constants are exactly the state's values."""
-    ids = torch.zeros(2, 16, dtype=torch.long)  # batch 2: a size-1 example would specialise the batch axis
-    dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    module, example, input_names, output_names, dyn = _export_args(model, kv_cache)
     with quant_mode(model, "export"), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if state is not None:
@@ -83,10 +151,10 @@ def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int 
         # the exporter narrates each stage on stdout; keep stdout for our summary and JSON line
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
-                _LogitsOnly(model).eval(),
-                (ids, torch.ones_like(ids)),
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
+                module.eval(),
+                example,
+                input_names=input_names,
+                output_names=output_names,
                 dynamic_shapes=dyn,
                 opset_version=opset,
                 dynamo=True,
@@ -102,10 +170,13 @@ def export_onnx(
     state: ScaleState | None = None,
     tokenizer=None,
     opset: int = OPSET,
+    kv_cache: bool = True,
 ) -> ExportResult:
     """Write ``out_path`` (``.../model.onnx``) and, beside it, ``config.json``, the tokenizer files
     and (for a quantized model) the scale state, so the folder alone can be evaluated and
     validated. ``state`` must be the state the model's scales came from; it decides the profile.
+    With ``kv_cache`` (the default) the graph takes and returns the KV cache (``_WithCache``),
+    otherwise it maps ``(input_ids, attention_mask)`` to logits only.
     The ``.onnx`` file is written last and atomically.
     """
     out_path = Path(out_path)
@@ -116,7 +187,7 @@ def export_onnx(
         raise ExportError("a quantized model needs its ScaleState to export: pass state=ScaleState.from_model(...)")
     if state is not None:
         state.apply(model)  # the exported scales are exactly the state's, whatever the model held
-    proto = to_onnx_proto(model, state, opset)
+    proto = to_onnx_proto(model, state, opset, kv_cache)
     props = {META_VERSION: sasq_edge.__version__}
     if state is not None:
         proto = pretranspose_int8_weights(proto)

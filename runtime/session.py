@@ -27,29 +27,84 @@ META_PROFILE = "sasq.profile"
 META_SESSION_OPTIONS = "sasq.session_options"
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
 REQUIRED_OUTPUT = "logits"
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class RuntimeSetupError(Exception):
     """A file, provider or option the runtime cannot use; the message says what to do."""
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """The graph's KV-cache inputs (optimum's names): ``past_key_values.{i}.key|value`` of shape
+    ``[batch, kv_heads, past_sequence, head_dim]``, returned as ``present.{i}.key|value``."""
+
+    past_names: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+    dtype: type
+
+    @property
+    def present_names(self) -> tuple[str, ...]:
+        return tuple(PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names)
+
+    def empty(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype) for n in self.past_names}
+
+
+def _cache_spec(sess: ort.InferenceSession, path: Path) -> CacheSpec | None:
+    past = [i for i in sess.get_inputs() if i.name.startswith(PAST_PREFIX)]
+    if not past:
+        return None
+    shape = past[0].shape
+    if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise RuntimeSetupError(f"{path}: cache input {past[0].name} has shape {shape}, expected [batch, kv_heads, past, head_dim]")
+    outputs = {o.name for o in sess.get_outputs()}
+    spec = CacheSpec(tuple(i.name for i in past), shape[1], shape[3], _ORT_FLOAT.get(past[0].type, np.float32))
+    missing = [n for n in spec.present_names if n not in outputs]
+    if missing or "position_ids" not in {i.name for i in sess.get_inputs()}:
+        raise RuntimeSetupError(f"{path}: cache inputs without matching present outputs or position_ids: re-export it with sasq-export")
+    return spec
+
+
 @dataclass
 class LMSession:
-    """An ORT session over a causal-LM graph ``(input_ids, attention_mask) -> logits``."""
+    """An ORT session over a causal-LM graph ``(input_ids, attention_mask[, position_ids, past]) -> logits[, present]``."""
 
     session: ort.InferenceSession
     path: Path
     providers: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
+    cache: CacheSpec | None = None
 
     @property
     def profile(self) -> str | None:
         return self.metadata.get(META_PROFILE)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """``(B, T)`` int64 token ids -> ``(B, T, V)`` float32 logits (no padding)."""
+        """``(B, T)`` int64 token ids -> ``(B, T, V)`` float32 logits (no padding, no past)."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        return self.session.run([REQUIRED_OUTPUT], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+        if self.cache is None:
+            return self.session.run([REQUIRED_OUTPUT], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+        return self.step(ids, self.cache.empty(ids.shape[0]))[0]
+
+    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One cached call: new tokens ``(B, T)`` after ``past`` (from ``cache.empty`` or the
+        previous step) -> logits ``(B, T, V)`` and the cache to pass to the next step."""
+        if self.cache is None:
+            raise RuntimeSetupError(f"{self.path} has no KV-cache inputs: re-export it without --no-kv-cache")
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        batch, new = ids.shape
+        start = next(iter(past.values())).shape[2]
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, start + new), np.int64),
+            "position_ids": np.broadcast_to(np.arange(start, start + new, dtype=np.int64), (batch, new)).copy(),
+            **past,
+        }
+        outs = self.session.run([REQUIRED_OUTPUT, *self.cache.present_names], feed)
+        return outs[0], dict(zip(self.cache.past_names, outs[1:], strict=True))
 
 
 def resolve_providers(names: list[str] | tuple[str, ...]) -> list[str]:
@@ -84,11 +139,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("cpu",), threads: int | None = None) -> LMSession:
-    """Open ``path`` on the given providers with the session options its metadata asks for."""
+def session_options(path: str | os.PathLike, threads: int | None = None, meta: dict[str, str] | None = None) -> ort.SessionOptions:
+    """ORT session options for ``path``: quiet logging, ``threads`` intra-op threads, and the
+    config entries the model's deploy profile asks for in its metadata."""
     path = Path(path)
-    meta = read_metadata(path)
-    ort_providers = resolve_providers(list(providers))
+    meta = read_metadata(path) if meta is None else meta
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -99,6 +154,15 @@ def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...]
         raise RuntimeSetupError(f"{path}: metadata {META_SESSION_OPTIONS} is not JSON: re-export the model") from None
     for key, value in options.items():
         so.add_session_config_entry(key, str(value))
+    return so
+
+
+def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("cpu",), threads: int | None = None) -> LMSession:
+    """Open ``path`` on the given providers with the session options its metadata asks for."""
+    path = Path(path)
+    meta = read_metadata(path)
+    so = session_options(path, threads, meta)
+    ort_providers = resolve_providers(list(providers))
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
@@ -111,4 +175,4 @@ def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...]
             f"{path} is not a causal-LM graph: it needs inputs {', '.join(REQUIRED_INPUTS)} and output "
             f"{REQUIRED_OUTPUT} (it has {', '.join(sorted(inputs))} -> {', '.join(sorted(outputs))}); export it with sasq-export"
         )
-    return LMSession(sess, path, sess.get_providers(), meta)
+    return LMSession(sess, path, sess.get_providers(), meta, _cache_spec(sess, path))

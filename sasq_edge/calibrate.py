@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
-from sasq_edge.modules import quant_linears, quant_mode
+from sasq_edge.modules import quant_linears, quant_mode, set_mode
 from sasq_edge.quant_math import IntGrid, absmax_scale, mse_scale, percentile_scale
 
 
@@ -77,6 +77,6 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantCo
             scale = 1.0 / m.act_quant.grid.qmax  # all-zero input: any positive scale is exact
         trunc = obs.absmax if obs.absmax > 0 else 1.0
         m.act_quant.set_scale(scale, trunc)
-        m.act_quant.set_mode("fake")
         scales[name] = scale
+    set_mode(model, "fake")
     return scales

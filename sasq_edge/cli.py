@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sasq_edge.config import CALIBRATIONS, PROFILES, TRUNCATIONS, QuantConfig
+from sasq_edge.config import CALIBRATIONS, PROFILES, TRUNCATIONS, QuantConfig, resolve_profile
 from sasq_edge.errors import SasqError
 
 EXIT_USAGE, EXIT_PARITY = 2, 1
@@ -44,7 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = QuantConfig()
-    p.add_argument("--profile", default=d.profile, help=f"deploy profile: {', '.join(PROFILES)} (default {d.profile})")
+    p.add_argument("--profile", default=None,
+                   help=f"deploy profile: {', '.join(PROFILES)}, or auto to pick from this CPU (default {d.profile})")
     p.add_argument("--calibration", default=d.calibration, help=f"scale initialiser: {', '.join(CALIBRATIONS)}")
     p.add_argument("--percentile", type=float, default=d.percentile, help="percentile for --calibration percentile")
     p.add_argument("--calib-batches", type=int, default=d.calib_batches, help="calibration windows (default %(default)s)")
@@ -53,6 +54,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate on log-scales (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per training step")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--int8-lm-head", action="store_true", help="quantize the output head too (INT8 weight, trained activation scale)")
+    p.add_argument("--int8-embedding", action="store_true", help="store the embedding table as weight-only per-row INT8")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -61,9 +64,19 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
 
 
+def _profile(args: argparse.Namespace) -> str:
+    """The profile asked for (``auto`` resolved and announced on stderr), or the default."""
+    if args.profile is None:
+        return QuantConfig().profile
+    name, reason = resolve_profile(args.profile)
+    if reason is not None:
+        print(f"profile auto -> {name} ({reason})", file=sys.stderr, flush=True)
+    return name
+
+
 def _config(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig(
-        profile=args.profile,
+        profile=_profile(args),
         calibration=args.calibration,
         percentile=args.percentile,
         calib_batches=args.calib_batches,
@@ -73,6 +86,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         seed=args.seed,
+        lm_head=args.int8_lm_head,
+        embedding="int8" if args.int8_embedding else "float",
     )
 
 
@@ -133,6 +148,8 @@ def _export(argv: list[str] | None) -> int:
     _add_model_args(p, required=True)
     p.add_argument("--scales", help="folder written by sasq-train (skip calibration and training)")
     p.add_argument("--float", action="store_true", help="export the unquantized float model (reference)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="export (input_ids, attention_mask) -> logits only, without past_key_values inputs and present outputs")
     _add_data_args(p)
     _add_train_args(p)
     args = p.parse_args(argv)
@@ -146,12 +163,14 @@ def _export(argv: list[str] | None) -> int:
     if not str(args.onnx).endswith(".onnx"):
         raise SasqError(f"output {args.onnx} must end in .onnx, e.g. out/model.onnx")
     state = ScaleState.load(args.scales) if args.scales else None  # fail on a bad folder before loading the model
+    if state is not None and args.profile is not None:
+        state = state.with_profile(_profile(args))
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if state is not None:
         state.apply(lm.model)
     elif not args.float:
         state, _ = run_sasq(lm, _config(args), args.data_dir)
-    res = export_onnx(lm.model, args.onnx, state=state, tokenizer=lm.tokenizer)
+    res = export_onnx(lm.model, args.onnx, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache)
     d = res.to_dict()
     _emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
           f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)
@@ -162,13 +181,7 @@ def _export(argv: list[str] | None) -> int:
 
 
 def _folder_context(onnx_path: Path) -> int | None:
-    cfg = onnx_path.parent / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text()).get("max_position_embeddings")
-    except json.JSONDecodeError:
-        raise SasqError(f"{cfg} is not valid JSON: re-export the folder with sasq-export") from None
+    return _folder_config(onnx_path).get("max_position_embeddings")
 
 
 def _load_tokenizer(folder: Path, override: str | None):
@@ -223,10 +236,13 @@ def _validate(argv: list[str] | None) -> int:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--rel-tol", type=float, default=0.005, help="max relative perplexity difference (default 0.5%%)")
     p.add_argument("--min-top1", type=float, default=0.99, help="min top-1 token agreement (default 0.99)")
+    p.add_argument("--no-fusion-check", action="store_true",
+                   help="skip the check that ONNX Runtime's CPU graph runs every quantized layer as an integer kernel")
     _add_data_args(p)
     _add_runtime_args(p)
     args = p.parse_args(argv)
     from runtime import open_session
+    from runtime.fusion import check_fusion
     from runtime.parity import compare
     from runtime.perplexity import iter_logits as onnx_logits
     from sasq_edge.evaluate import iter_logits
@@ -237,19 +253,136 @@ def _validate(argv: list[str] | None) -> int:
     sess = open_session(path, _providers(args), args.threads)
     if sess.profile is None:
         raise SasqError(f"{path} carries no sasq deploy profile (a float or foreign model): validate models written by sasq-export")
+    fusion = None if args.no_fusion_check else check_fusion(path)
+    if fusion is not None:
+        print(fusion.summary(), flush=True)
     state = ScaleState.load(path.parent)
     lm = load_model(args.model or state.model_source, trust_remote_code=args.trust_remote_code)
     state.apply(lm.model)
     windows = _eval_windows(args, path, lm.tokenizer)
     rep = compare(windows, iter_logits(lm.model, windows), onnx_logits(sess, windows)).report(args.rel_tol, args.min_top1)
+    passed = rep.passed and (fusion is None or fusion.passed)
     verdict = "PASSED" if rep.passed else "FAILED"
+    result = {**rep.to_dict(), "fusion": None if fusion is None else fusion.to_dict(), "passed": passed}
     _emit(args, f"parity {verdict}: ppl torch {rep.ppl_torch:.4f}, onnx {rep.ppl_onnx:.4f} "
           f"(rel diff {rep.rel_diff:.2e}, tol {rep.rel_tol}), top-1 agreement {rep.top1_agreement:.4f}, "
-          f"max |logit diff| {rep.max_abs_logit_diff:.3g} over {rep.windows} windows", rep.to_dict())
-    return 0 if rep.passed else EXIT_PARITY
+          f"max |logit diff| {rep.max_abs_logit_diff:.3g} over {rep.windows} windows"
+          + ("" if fusion is None else f"; fusion {'PASSED' if fusion.passed else 'FAILED'}"), result)
+    return 0 if passed else EXIT_PARITY
+
+
+# --- sasq-generate -----------------------------------------------------------------------------
+
+
+def _generate(argv: list[str] | None) -> int:
+    p = _parser("sasq-generate", "Generate text with an exported model on ONNX Runtime, streaming tokens as they come.")
+    p.add_argument("onnx", help="model.onnx written by sasq-export (its folder holds tokenizer.json and config.json)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (same as --temperature 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same tokens)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--provider", default="cpu", help="ONNX Runtime execution providers, comma separated: cpu, cuda, tensorrt")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    args = p.parse_args(argv)
+    from runtime import open_session
+    from runtime.generate import GenerationStats, Sampling, stream
+
+    path = Path(args.onnx)
+    sess = open_session(path, _providers(args), args.threads)
+    tok = _runtime_tokenizer(path.parent)
+    cfg = _folder_config(path)
+    stop = () if args.ignore_eos else _eos_ids(path.parent, cfg)
+    sampling = Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed, stop)
+    prompt = tok.encode(args.prompt).ids
+    stats, new = GenerationStats(), []
+    shown = ""
+    for token in stream(sess, prompt, sampling, cfg.get("max_position_embeddings"), stats):
+        new.append(token)
+        text = tok.decode(new)
+        if not args.json and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    text = tok.decode(new)
+    if not args.json:
+        print(text[len(shown):], flush=True)
+    result = {"prompt": args.prompt, "text": text, "tokens": new, **stats.to_dict()}
+    _emit(args, f"{stats.new_tokens} new tokens ({stats.stopped}); prefill {stats.prompt_tokens} tokens in "
+          f"{1000 * stats.prefill_s:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s on {sess.providers[0]}", result)
+    return 0
+
+
+def _folder_config(onnx_path: Path) -> dict:
+    cfg = onnx_path.parent / "config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        raise SasqError(f"{cfg} is not valid JSON: re-export the folder with sasq-export") from None
+
+
+def _runtime_tokenizer(folder: Path):
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise SasqError(f"no tokenizer.json beside the model in {folder}: re-export the folder with sasq-export")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise SasqError(f"{path} is not a readable tokenizer ({str(e).splitlines()[0][:200]}): re-export the folder") from None
+
+
+def _eos_ids(folder: Path, cfg: dict) -> tuple[int, ...]:
+    ids = cfg.get("eos_token_id")
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        try:
+            ids = json.loads(gen.read_text()).get("eos_token_id", ids)
+        except json.JSONDecodeError:
+            pass
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, list) else (int(ids),)
+
+
+# --- sasq-lint ---------------------------------------------------------------------------------
+
+
+def _lint(argv: list[str] | None) -> int:
+    from exporters.lint import RULES
+
+    p = _parser("sasq-lint", "Check an ONNX model against TensorRT's explicit-quantization rules, and which "
+                "linear layers ONNX Runtime's CPU graph runs as integer kernels. Rules: "
+                + "; ".join(f"{k}: {v}" for k, v in RULES.items()))
+    p.add_argument("onnx", help="model.onnx to check")
+    p.add_argument("--no-fusion-check", action="store_true", help="skip the ONNX Runtime CPU fusion report")
+    args = p.parse_args(argv)
+    from exporters.lint import format_report, lint
+    from runtime.fusion import check_fusion
+    from runtime.session import read_metadata
+
+    path = Path(args.onnx)
+    meta = read_metadata(path)  # fails clearly on a missing or non-ONNX file
+    report = lint(path)
+    print(format_report(report), flush=True)
+    fusion = None if args.no_fusion_check else check_fusion(path)
+    if fusion is not None:
+        print(fusion.summary(), flush=True)
+    profile = meta.get("sasq.profile")
+    hint = f" (profile {profile}: export with --profile trt for TensorRT)" if profile and profile != "trt" and not report.passed else ""
+    result = {"tensorrt": report.to_dict(), "fusion": None if fusion is None else fusion.to_dict(), "profile": profile}
+    _emit(args, f"TensorRT rules {'PASSED' if report.passed else 'FAILED'}: {len(report.violations)} violation(s){hint}", result)
+    return 0 if report.passed else EXIT_PARITY
 
 
 train_main = _entry("sasq-train", _train)
 export_main = _entry("sasq-export", _export)
 ppl_main = _entry("sasq-ppl", _ppl)
 validate_main = _entry("sasq-validate", _validate)
+generate_main = _entry("sasq-generate", _generate)
+lint_main = _entry("sasq-lint", _lint)

@@ -27,6 +27,9 @@ class DeployProfile:
     description: str = ""
 
 
+# uint8 carrying the int8 grid: the same real values as int8 with zero point 0
+_U8_ACT = IntGrid(-128, 127, zero_point=128, dtype="uint8")
+
 PROFILES: dict[str, DeployProfile] = {
     "trt": DeployProfile(
         name="trt",
@@ -37,17 +40,90 @@ PROFILES: dict[str, DeployProfile] = {
         description="TensorRT explicit quantization: int8 activations per tensor (zero point 0), "
         "int8 weights in [-127, 127] per output channel",
     ),
+    "cpu-avx2": DeployProfile(
+        name="cpu-avx2",
+        act=_U8_ACT,
+        # 7-bit weights: AVX2's u8 x s8 pair-add (vpmaddubsw) saturates 16-bit sums with 8-bit
+        # weights (255 * 127 * 2 > 32767); with |w| <= 64 it cannot (255 * 64 * 2 = 32640).
+        weight=IntGrid(-64, 63, zero_point=0, dtype="int8"),
+        description="x86 CPUs with AVX2 and no VNNI: uint8 activations (zero point 128), "
+        "7-bit weights in [-64, 63] per output channel, so ORT's fast u8s8 kernel is exact",
+    ),
+    "cpu-vnni": DeployProfile(
+        name="cpu-vnni",
+        act=_U8_ACT,
+        weight=IntGrid(-127, 127, zero_point=0, dtype="int8"),
+        description="x86 CPUs with AVX-VNNI or AVX512-VNNI: uint8 activations (zero point 128), "
+        "int8 weights in [-127, 127] per output channel (vpdpbusd accumulates in 32 bits)",
+    ),
+    "arm64": DeployProfile(
+        name="arm64",
+        act=_U8_ACT,
+        weight=IntGrid(-127, 127, zero_point=0, dtype="int8"),
+        description="64-bit ARM (NEON dot product): uint8 activations (zero point 128), "
+        "int8 weights in [-127, 127] per output channel",
+    ),
 }
 
 CALIBRATIONS = ("absmax", "percentile", "mse")
+EMBEDDINGS = ("float", "int8")
 TRUNCATIONS = ("clip", "tanh")
+
+
+AUTO = "auto"
+
+
+def cpu_features(cpuinfo: str | None = None, machine: str | None = None) -> tuple[str, frozenset[str]]:
+    """``(machine, flags)`` of this CPU: ``platform.machine()`` and, on Linux, the ``flags`` line
+    of ``/proc/cpuinfo`` (empty elsewhere). Arguments override both, for tests."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+            break
+    return machine, frozenset(flags)
+
+
+def detect_profile(cpuinfo: str | None = None, machine: str | None = None) -> tuple[str, str]:
+    """The CPU profile for the machine this runs on, and why: ``(profile, reason)``."""
+    machine, flags = cpu_features(cpuinfo, machine)
+    if machine in ("aarch64", "arm64"):
+        return "arm64", f"{machine} CPU"
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        vnni = sorted(flags & {"avx_vnni", "avx512_vnni", "amx_int8"})
+        if vnni:
+            return "cpu-vnni", f"x86 CPU with {', '.join(vnni)}"
+        if "avx2" in flags:
+            return "cpu-avx2", "x86 CPU with AVX2 and no VNNI"
+        if not flags:
+            raise ConfigError(f"cannot read the CPU flags of this {machine} machine: pass --profile cpu-avx2 or cpu-vnni")
+        raise ConfigError("this x86 CPU has no AVX2: no profile runs fast here; pass --profile cpu-avx2 to export anyway")
+    raise ConfigError(f"no CPU profile for machine type {machine!r}: pass --profile {', '.join(PROFILES)}")
+
+
+def resolve_profile(name: str) -> tuple[str, str | None]:
+    """``name`` itself, or for ``auto`` the detected profile and the reason it was picked."""
+    if name != AUTO:
+        get_profile(name)
+        return name, None
+    return detect_profile()
 
 
 def get_profile(name: str) -> DeployProfile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ConfigError(f"unknown deploy profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+        raise ConfigError(f"unknown deploy profile {name!r}: choose one of {', '.join(PROFILES)} or auto") from None
 
 
 @dataclass(frozen=True)
@@ -70,6 +146,8 @@ class QuantConfig:
     batch_size: int = 1
     seq_len: int = 512
     seed: int = 0
+    lm_head: bool = False  # quantize the output head like the decoder linears (trained activation scale)
+    embedding: str = "float"  # "int8": weight-only per-row INT8 embedding table
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -77,6 +155,8 @@ class QuantConfig:
             raise ConfigError(f"bits={self.bits}: every deploy profile is 8-bit; use bits=8")
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"unknown calibration {self.calibration!r}: choose one of {', '.join(CALIBRATIONS)}")
+        if self.embedding not in EMBEDDINGS:
+            raise ConfigError(f"unknown embedding {self.embedding!r}: choose one of {', '.join(EMBEDDINGS)}")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"unknown truncation {self.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
         if not 50.0 < self.percentile <= 100.0:

@@ -43,3 +43,17 @@ def perplexity(model: nn.Module, windows: np.ndarray, desc: str = "torch ppl") -
         count += ids.shape[1] - 1
     nll = total / count
     return PplResult(math.exp(nll), nll, count, len(windows), windows.shape[1])
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """``new_tokens`` greedy tokens after ``prompt_ids``, decoded with the model's own KV cache
+    (the torch twin of ``runtime.generate`` with temperature 0; no stop ids)."""
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    out = model(input_ids=ids, use_cache=True)
+    tokens: list[int] = []
+    for _ in range(new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens

@@ -21,10 +21,10 @@ from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
 from sasq_edge.quant_math import (
     IntGrid,
-    fake_quant,
     grad_scale,
     lsq_grad_scale,
     quantize_to_int,
+    round_ste,
     soft_truncate,
     weight_scales_per_channel,
 )
@@ -96,16 +96,24 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "export":
             return self._export_forward(x)
+        q, s = self.codes(x)
+        return q * s
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fake-quant mode, split: the integer codes ``clamp(round(x / s))`` (as float, with the
+        straight-through gradient) and the scale ``s`` (with LSQ's scaled gradient), so that
+        ``codes * s`` is the fake-quantized input. Computed with the float operations the
+        deployed ``QuantizeLinear`` uses (one division, round half to even)."""
         if self.log_trunc is not None:
             x = soft_truncate(x, self.log_trunc.exp())
         s = grad_scale(self.log_scale.exp(), lsq_grad_scale(x.numel(), self.grid))
-        return fake_quant(x, s, self.grid)
+        return torch.clamp(round_ste(x / s), self.grid.qmin, self.grid.qmax), s
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.grid
         scale, a = self._frozen
         if a is not None:
-            x = torch.tanh(x * (1.0 / a)) * a
+            x = torch.tanh(x / a) * a
         dt = _TORCH_INT[g.dtype]
         lo, hi = g.qmin + g.zero_point, g.qmax + g.zero_point
         q = torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, g.zero_point, lo, hi, dt)
@@ -127,20 +135,33 @@ class QuantLinear(nn.Linear):
             scale = weight_scales_per_channel(w, weight_grid)  # (N,)
             self.register_buffer("weight_int", quantize_to_int(w, scale[:, None], weight_grid).to(torch.int8))
             self.register_buffer("weight_scale", scale)
-            # float copy of the quantized weight used by fake-quant forward passes
-            self.register_buffer("weight_dq", self.weight_int.to(torch.float32) * scale[:, None], persistent=False)
+            # the integer codes as float32, for fake-quant forward passes (see ``forward``)
+            self.register_buffer("weight_codes", self.weight_int.to(torch.float32), persistent=False)
 
     @property
     def mode(self) -> Mode:
         return self.act_quant.mode
 
+    @property
+    def weight_dq(self) -> torch.Tensor:
+        """The dequantized weight ``codes * scale`` (N, K)."""
+        return self.weight_codes * self.weight_scale[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.act_quant.mode
+        if mode == "fake":
+            # Integer codes times integer codes, then one multiplication by the product of the
+            # scales: what ONNX Runtime's integer kernels (MatMulIntegerToFloat) compute. The
+            # float32 sums of integer products are exact while they stay below 2**24 (K * 128 * 64
+            # for 7-bit weights always does up to K = 2048), so the only float rounding is the
+            # final scaling, as in the deployed kernel. Mathematically equal to
+            # ``F.linear(codes * s, weight_dq)``, so LSQ/STE gradients are unchanged.
+            q, s = self.act_quant.codes(x)
+            y = F.linear(q, self.weight_codes.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
+            return y if self.bias is None else y + self.bias
         x = self.act_quant(x)
         if mode == "float":
             w = self.weight
-        elif mode == "fake":
-            w = self.weight_dq.to(x.dtype)
         else:
             g = self.weight_grid
             zeros = torch.zeros_like(self.weight_scale, dtype=torch.int64)
@@ -153,6 +174,51 @@ class QuantLinear(nn.Linear):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, act={self.act_quant.grid}"
 
 
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with a weight-only INT8 table: per-row symmetric codes and scales.
+
+    Exported as ``Gather`` on the INT8 table and on the per-row scales, then
+    ``DequantizeLinear(axis=0)`` over the gathered rows: the file stores 1 byte per entry, and
+    only the looked-up rows are dequantized at run time. The fake-quant forward computes the same
+    float operation (``codes * scale``).
+    """
+
+    def __init__(self, emb: nn.Embedding, grid: IntGrid) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx, self.max_norm = emb.padding_idx, emb.max_norm
+        self.norm_type, self.scale_grad_by_freq, self.sparse = emb.norm_type, emb.scale_grad_by_freq, emb.sparse
+        self.weight = emb.weight  # the same Parameter (tied to lm_head in many models)
+        self.grid = grid
+        self.mode: Mode = "float"
+        with torch.no_grad():
+            w = emb.weight.detach().to(torch.float32)
+            scale = weight_scales_per_channel(w, grid)  # (V,)
+            self.register_buffer("weight_int", quantize_to_int(w, scale[:, None], grid).to(torch.int8))
+            self.register_buffer("weight_scale", scale)
+
+    def set_mode(self, mode: Mode) -> None:
+        if mode == "export":
+            import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
+        self.mode = mode
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.mode == "float":
+            return F.embedding(ids, self.weight)
+        flat = ids.reshape(-1)
+        rows, scale = self.weight_int[flat], self.weight_scale[flat]  # Gather, Gather
+        if self.mode == "fake":
+            out = rows.to(torch.float32) * scale[:, None]
+        else:
+            g = self.grid
+            zeros = torch.zeros_like(scale, dtype=torch.int64)
+            out = torch.ops.quantized_decomposed.dequantize_per_channel(rows, scale, zeros, 0, g.qmin, g.qmax, torch.int8)
+        return out.reshape(*ids.shape, self.embedding_dim).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows {self.grid}"
+
+
 def target_names(model: nn.Module, config: QuantConfig) -> list[str]:
     """Fully qualified names of the ``nn.Linear`` modules ``config`` quantizes, in model order."""
     spec = arch_spec(model.config.model_type)
@@ -162,6 +228,12 @@ def target_names(model: nn.Module, config: QuantConfig) -> list[str]:
         n for n, m in model.named_modules()
         if n.startswith(prefix) and n.rsplit(".", 1)[-1] in leaves and isinstance(m, nn.Linear)
     ]
+    if config.lm_head:
+        head = model.get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), None)
+        if not isinstance(head, nn.Linear) or head_name is None:
+            raise ConfigError(f"lm_head=True, but this {model.config.model_type} model has no nn.Linear output head: drop --int8-lm-head")
+        names.append(head_name)
     found = {n.rsplit(".", 1)[-1] for n in names}
     missing = sorted(leaves - found)
     if missing:
@@ -183,10 +255,19 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         p.requires_grad_(False)
     deploy = config.deploy
     for name in target_names(model, config):
-        parent_name, leaf = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation))
+    if config.embedding == "int8":
+        emb = model.get_input_embeddings()
+        if type(emb) is not nn.Embedding:
+            raise ConfigError(f"embedding='int8' needs a plain nn.Embedding, this model has {type(emb).__name__}: use embedding='float'")
+        model.set_input_embeddings(QuantEmbedding(emb, EMBEDDING_GRID))
     return model
+
+
+# weight-only embedding rows: the full symmetric int8 grid (no kernel-side saturation concerns)
+EMBEDDING_GRID = IntGrid(-127, 127, zero_point=0, dtype="int8")
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
@@ -195,21 +276,27 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
             yield name, m
 
 
+def _mode_holders(model: nn.Module) -> Iterator[tuple[str, ActQuantizer | QuantEmbedding]]:
+    for name, m in model.named_modules():
+        if isinstance(m, (ActQuantizer, QuantEmbedding)):
+            yield name, m
+
+
 def set_mode(model: nn.Module, mode: Mode) -> None:
-    for _, m in quant_linears(model):
-        m.act_quant.set_mode(mode)
+    for _, m in _mode_holders(model):
+        m.set_mode(mode)
 
 
 @contextlib.contextmanager
 def quant_mode(model: nn.Module, mode: Mode) -> Iterator[None]:
     """Temporarily switch every quantizer to ``mode``; the previous modes are always restored."""
-    previous = {name: m.act_quant.mode for name, m in quant_linears(model)}
+    previous = {name: m.mode for name, m in _mode_holders(model)}
     try:
         set_mode(model, mode)
         yield
     finally:
-        for name, m in quant_linears(model):
-            m.act_quant.set_mode(previous[name])
+        for name, m in _mode_holders(model):
+            m.set_mode(previous[name])
 
 
 def scale_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -44,8 +44,10 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``g`` (LSQ section 2.2)."""
-    return (x - x * g).detach() + x * g
+    """Identity in the forward pass, bit for bit (``t - t`` is exactly 0); multiplies the
+    gradient by ``g`` (LSQ section 2.2)."""
+    t = x * g
+    return x.detach() + (t - t.detach())
 
 
 def lsq_grad_scale(numel: int, grid: IntGrid) -> float:
@@ -71,8 +73,9 @@ def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid) -> torc
 
 
 def soft_truncate(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Non-linear soft truncation ``a * tanh(x / a)``: identity near 0, saturates at +-a."""
-    return a * torch.tanh(x / a)
+    """Non-linear soft truncation ``a * tanh(x / a)``: identity near 0, saturates at +-a.
+    (The exported graph computes ``Tanh(x / a) * a``: the same float operations.)"""
+    return torch.tanh(x / a) * a
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from sasq_edge import __version__
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError, SasqError, StateError
 from sasq_edge.io import atomic_path, atomic_write_text
-from sasq_edge.modules import prepare, quant_linears
+from sasq_edge.modules import prepare, quant_linears, set_mode
 
 FORMAT_VERSION = 1
 SCALES_FILE = "scales.safetensors"
@@ -96,8 +96,26 @@ class ScaleState:
                 raise StateError(f"{name} is prepared for another deploy grid than this state's profile "
                                  f"{self.config.profile!r}: apply the state to a freshly loaded model")
             m.act_quant.set_scale(self.scales[name], self.truncation.get(name))
-            m.act_quant.set_mode("fake")
+        set_mode(model, "fake")
         return model
+
+    def with_profile(self, profile: str) -> ScaleState:
+        """The same scales encoded for ``profile``. Allowed when both profiles put activations and
+        weights on the same real-valued grids (only the stored integer type differs, e.g. trt
+        and cpu-vnni); a different grid would make the deployed model differ from the trained one."""
+        if profile == self.config.profile:
+            return self
+        new = dataclasses.replace(self.config, profile=profile)
+        old_d, new_d = self.config.deploy, new.deploy
+        same = (old_d.act.qmin, old_d.act.qmax, old_d.weight.qmin, old_d.weight.qmax) == (
+            new_d.act.qmin, new_d.act.qmax, new_d.weight.qmin, new_d.weight.qmax)
+        if not same:
+            raise StateError(
+                f"scales were trained for profile {self.config.profile!r}, whose integer grids differ from {profile!r}'s "
+                f"(weights [{old_d.weight.qmin}, {old_d.weight.qmax}] vs [{new_d.weight.qmin}, {new_d.weight.qmax}]): "
+                f"retrain with sasq-train --profile {profile}"
+            )
+        return dataclasses.replace(self, config=new)
 
     # --- files --------------------------------------------------------------------------------
 

@@ -1,0 +1,129 @@
+"""Token generation on ONNX Runtime: one prefill call, then one cached call per new token.
+
+Works on token ids only (the command line decodes text), so it needs no tokenizer and no torch.
+Greedy when ``temperature == 0``; otherwise softmax sampling with optional top-k and top-p
+(nucleus) filtering from a seeded numpy generator, so a seed gives the same tokens every run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime.session import LMSession, RuntimeSetupError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise RuntimeSetupError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise RuntimeSetupError(f"temperature={self.temperature} must be 0 (greedy) or positive")
+        if self.top_k < 0:
+            raise RuntimeSetupError(f"top_k={self.top_k} must be 0 (off) or positive")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RuntimeSetupError(f"top_p={self.top_p} must lie in (0, 1]")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)  # one entry per cached decode call
+    stopped: str = ""  # "stop_id", "max_new_tokens" or "context"
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.decode_s) / sum(self.decode_s) if self.decode_s else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "prefill_ms": 1000 * self.prefill_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "stopped": self.stopped,
+        }
+
+
+def pick_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """The next token from one row of logits ``(V,)``."""
+    if sampling.temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k and sampling.top_k < z.shape[0]:
+        kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = np.cumsum(p[order]) - p[order] < sampling.top_p  # the smallest head whose mass reaches top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.shape[0], p=p))
+
+
+def stream(
+    sess: LMSession, prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time. With a KV-cache graph each new token costs one cached
+    call; a graph without a cache re-runs the whole sequence. Stops at a stop id, after
+    ``max_new_tokens``, or at ``max_positions`` (the model's context)."""
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise RuntimeSetupError("the prompt is empty: give at least one token")
+    if max_positions is not None and len(ids) >= max_positions:
+        raise RuntimeSetupError(f"the prompt has {len(ids)} tokens, the model's context is {max_positions}: shorten the prompt")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(ids)
+    rng = np.random.default_rng(sampling.seed)
+    cached = sess.cache is not None
+
+    t = time.perf_counter()
+    if cached:
+        logits, past = sess.step(np.array([ids]), sess.cache.empty(1))
+    else:
+        logits = sess.logits(np.array([ids]))
+    stats.prefill_s = time.perf_counter() - t
+    stats.stopped = "max_new_tokens"
+    while True:
+        token = pick_token(logits[0, -1], sampling, rng)
+        ids.append(token)
+        stats.new_tokens += 1
+        yield token
+        if token in sampling.stop_ids:
+            stats.stopped = "stop_id"
+            return
+        if stats.new_tokens >= sampling.max_new_tokens:
+            return
+        if max_positions is not None and len(ids) >= max_positions:
+            stats.stopped = "context"
+            return
+        t = time.perf_counter()
+        if cached:
+            logits, past = sess.step(np.array([[token]]), past)
+        else:
+            logits = sess.logits(np.array([ids]))
+        stats.decode_s.append(time.perf_counter() - t)
+
+
+def generate(sess: LMSession, prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None = None) -> tuple[list[int], GenerationStats]:
+    stats = GenerationStats()
+    tokens = list(stream(sess, prompt_ids, sampling, max_positions, stats))
+    return tokens, stats
