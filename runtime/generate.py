@@ -123,7 +123,9 @@ def stream(
         stats.decode_s.append(time.perf_counter() - t)
 
 
-def generate(sess: LMSession, prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None = None) -> tuple[list[int], GenerationStats]:
+def generate(
+    sess: LMSession, prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None = None
+) -> tuple[list[int], GenerationStats]:
     stats = GenerationStats()
     tokens = list(stream(sess, prompt_ids, sampling, max_positions, stats))
     return tokens, stats
