@@ -13,17 +13,14 @@ Imports only onnx and numpy, so it can check a file on a machine without torch. 
 without external data: shapes and types are still known, and a check that needs the values of
 an external tensor is skipped for that tensor (our scales and zero points are always inline).
 
-    python -m exporters.lint out/model.onnx [--json]
+    sasq-lint out/model.onnx [--json]   (the command line: sasq_edge/cli.py)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -513,23 +510,3 @@ def format_report(report: LintReport) -> str:
     lines = [str(v) for v in report.violations]
     lines.append(f"TensorRT lint FAILED: {len(report.violations)} violation(s) ({rules}) in {seen}")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    epilog = "rules:\n" + "\n".join(f"  {rule:<24} {text}" for rule, text in RULES.items())
-    p = argparse.ArgumentParser(
-        prog="python -m exporters.lint",
-        description="Check a QDQ ONNX file against TensorRT's explicit-quantization rules; exit 1 on any violation.",
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("model", help="path to model.onnx (external data is not needed)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    args = p.parse_args(argv)
-    report = lint(args.model)
-    print(json.dumps(report.to_dict()) if args.json else format_report(report))
-    return 0 if report.passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

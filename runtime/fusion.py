@@ -67,8 +67,9 @@ class FusionReport:
 
 
 def _layer_name(initializer: str) -> str:
-    name = initializer.removesuffix(".weight_int")
-    return name.removeprefix("model.") if name.startswith("model.model.") else name
+    """``model.model.layers.0.mlp.down_proj.weight_int`` -> ``model.layers.0.mlp.down_proj``: the
+    exporter's wrapper module adds one ``model.`` in front of the PyTorch module name."""
+    return initializer.removesuffix(".weight_int").removeprefix("model.")
 
 
 def target_weights(model: onnx.ModelProto) -> dict[str, str]:

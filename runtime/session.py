@@ -125,6 +125,25 @@ def resolve_providers(names: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+def provider_options(providers: list[str], path: Path, quantized: bool) -> list[str | tuple[str, dict[str, str]]]:
+    """ORT provider entries with the options each needs. TensorRT: INT8 enabled for Q/DQ models
+    (TensorRT then takes the graph's scales: explicit quantization, no calibration table), FP16
+    for the float layers, and its engine cached beside the model (the first build takes minutes).
+    Not run in this project's CI, which has no GPU: see README, Limits."""
+    out: list[str | tuple[str, dict[str, str]]] = []
+    for name in providers:
+        if name == PROVIDERS["tensorrt"]:
+            out.append((name, {
+                "trt_int8_enable": "True" if quantized else "False",
+                "trt_fp16_enable": "True",
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(path.parent / "trt_cache"),
+            }))
+        else:
+            out.append(name)
+    return out
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The model's ``metadata_props``; fails clearly on a missing or non-ONNX file."""
     path = Path(path)
@@ -162,7 +181,7 @@ def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...]
     path = Path(path)
     meta = read_metadata(path)
     so = session_options(path, threads, meta)
-    ort_providers = resolve_providers(list(providers))
+    ort_providers = provider_options(resolve_providers(list(providers)), path, quantized=META_PROFILE in meta)
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types

@@ -26,8 +26,8 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=prog, description=description)
+def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = _OneLineParser(prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
 
@@ -356,9 +356,9 @@ def _eos_ids(folder: Path, cfg: dict) -> tuple[int, ...]:
 def _lint(argv: list[str] | None) -> int:
     from exporters.lint import RULES
 
-    p = _parser("sasq-lint", "Check an ONNX model against TensorRT's explicit-quantization rules, and which "
-                "linear layers ONNX Runtime's CPU graph runs as integer kernels. Rules: "
-                + "; ".join(f"{k}: {v}" for k, v in RULES.items()))
+    p = _parser("sasq-lint", "Check an ONNX model against TensorRT's explicit-quantization rules, and report which\n"
+                "linear layers ONNX Runtime's CPU graph runs as integer kernels. Exits 1 on any violation.",
+                "rules:\n" + "\n".join(f"  {k:<24} {v}" for k, v in RULES.items()))
     p.add_argument("onnx", help="model.onnx to check")
     p.add_argument("--no-fusion-check", action="store_true", help="skip the ONNX Runtime CPU fusion report")
     args = p.parse_args(argv)

@@ -157,6 +157,10 @@ class QuantConfig:
             raise ConfigError(f"unknown calibration {self.calibration!r}: choose one of {', '.join(CALIBRATIONS)}")
         if self.embedding not in EMBEDDINGS:
             raise ConfigError(f"unknown embedding {self.embedding!r}: choose one of {', '.join(EMBEDDINGS)}")
+        if self.embedding == "int8" and self.profile == "trt":
+            # its DequantizeLinear takes per-row scales gathered at run time; TensorRT wants constant scales
+            raise ConfigError("an INT8 embedding is for the CPU profiles (TensorRT needs constant Q/DQ scales): "
+                              "drop --int8-embedding, or pick --profile cpu-avx2, cpu-vnni or arm64")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"unknown truncation {self.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
         if not 50.0 < self.percentile <= 100.0:

@@ -206,7 +206,8 @@ class QuantEmbedding(nn.Embedding):
         if self.mode == "float":
             return F.embedding(ids, self.weight)
         flat = ids.reshape(-1)
-        rows, scale = self.weight_int[flat], self.weight_scale[flat]  # Gather, Gather
+        rows = torch.index_select(self.weight_int, 0, flat)  # Gather on the INT8 table
+        scale = torch.index_select(self.weight_scale, 0, flat)  # Gather on the row scales
         if self.mode == "fake":
             out = rows.to(torch.float32) * scale[:, None]
         else:

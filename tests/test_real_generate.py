@@ -1,0 +1,119 @@
+"""Greedy generation of SmolLM2-135M-Instruct, static INT8 (cpu-avx2, MSE calibration), on ONNX
+Runtime with the KV-cache graph, against the PyTorch fake-quant model: a few minutes in all.
+
+The model folder is made once per machine by ../shared/assets/materialize_smollm2.py into
+``$SASQ_SMOLLM2_DIR`` (default ``~/.cache/sasq-assets/smollm2-135m-instruct``), outside the repo.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import export_onnx
+from runtime import open_session
+from runtime.fusion import check_fusion
+from runtime.generate import Sampling, generate
+from sasq_edge.config import QuantConfig
+from sasq_edge.evaluate import greedy_tokens
+from sasq_edge.models import load_model
+from sasq_edge.pipeline import run_sasq
+
+pytestmark = pytest.mark.real_model
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+WIKITEXT = ASSETS / "wikitext2"
+MODEL_DIR = Path(os.environ.get("SASQ_SMOLLM2_DIR", Path.home() / ".cache" / "sasq-assets" / "smollm2-135m-instruct"))
+NEW_TOKENS = 32
+PROMPT = "The capital of France is"
+MORE_PROMPTS = ["Once upon a time, there was a", "The quick brown fox", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> Path:
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        script = ASSETS / "materialize_smollm2.py"
+        if not script.is_file():
+            pytest.skip(f"SmolLM2 assets not found at {ASSETS}; set SASQ_SMOLLM2_DIR to a materialized folder")
+        subprocess.run([sys.executable, str(script), str(MODEL_DIR)], check=True)
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def int8_model(smollm2_dir, tmp_path_factory):
+    """MSE-calibrated on 2 validation windows, no training, exported with the KV cache."""
+    lm = load_model(str(smollm2_dir))
+    cfg = QuantConfig(profile="cpu-avx2", seq_len=256, calibration="mse", calib_batches=2, train_steps=0)
+    state, _ = run_sasq(lm, cfg, WIKITEXT, progress=False)
+    res = export_onnx(lm.model, tmp_path_factory.mktemp("smollm2_kv") / "model.onnx", state=state, tokenizer=lm.tokenizer)
+    return lm, state, res
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+def test_real_two_layer_greedy_generation_equals_torch(smollm2_dir, tmp_path):
+    """Real weights, tokenizer and activations, the first 2 decoder layers: ONNX Runtime's cached
+    decoding must give exactly the PyTorch fake-quant model's greedy tokens (positions, cache
+    layout, quantizers and the integer arithmetic all have to be right)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load_model(str(smollm2_dir))
+    lm.model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, num_hidden_layers=2).eval()
+    cfg = QuantConfig(profile="cpu-avx2", seq_len=256, calibration="mse", calib_batches=2, train_steps=0)
+    state, _ = run_sasq(lm, cfg, WIKITEXT, progress=False)
+    res = export_onnx(lm.model, tmp_path / "model.onnx", state=state, tokenizer=lm.tokenizer)
+    sess = open_session(res.onnx)
+    for prompt in (PROMPT, *MORE_PROMPTS):
+        ids = lm.tokenizer(prompt)["input_ids"]
+        onnx_tokens, stats = generate(sess, ids, Sampling(max_new_tokens=NEW_TOKENS))
+        torch_tokens = greedy_tokens(lm.model, ids, NEW_TOKENS)
+        assert (stats.new_tokens, stats.stopped, len(stats.decode_s)) == (NEW_TOKENS, "max_new_tokens", NEW_TOKENS - 1)
+        assert onnx_tokens == torch_tokens, f"{prompt!r}: agree for {_agreement(onnx_tokens, torch_tokens)} of {NEW_TOKENS}"
+        assert len(set(torch_tokens)) > 3  # a real continuation, not one repeated token
+
+
+def test_real_greedy_generation_against_torch(int8_model):
+    """The full 30-layer static-INT8 model is numerically chaotic: ONNX Runtime's float kernels
+    (RMSNorm's reduction, exp in softmax and SiLU, cos/sin) differ from torch's by an ulp here and
+    there; an activation that lands on a rounding boundary (x/s = 52.500004 in torch, 52.5 in ORT,
+    measured at layer 0's q/k/v input) takes another integer code, and the difference grows through
+    30 layers until a near-tied top-2 flips. Measured agreement of the greedy tokens (common
+    prefix, out of 32) on this machine: 5, 18, 32 and 28 for the four prompts below, so equality
+    for 32 tokens is NOT asserted on the full model (README, Limits). What this test holds: the
+    cached graph produces the same first token as PyTorch for every prompt and the whole
+    generation stays close (most positions agree) along PyTorch's own trajectory."""
+    lm, _, res = int8_model
+    sess = open_session(res.onnx)
+    assert sess.profile == "cpu-avx2" and sess.cache is not None and len(sess.cache.past_names) == 2 * 30
+    for prompt in (PROMPT, *MORE_PROMPTS):
+        ids = lm.tokenizer(prompt)["input_ids"]
+        onnx_tokens, _ = generate(sess, ids, Sampling(max_new_tokens=NEW_TOKENS))
+        torch_tokens = greedy_tokens(lm.model, ids, NEW_TOKENS)
+        # teacher-forced: ORT's next token after each prefix of PyTorch's generation, via the cache
+        logits, past = sess.step(np.array([ids]), sess.cache.empty(1))
+        forced = []
+        for token in torch_tokens:
+            forced.append(int(logits[0, -1].argmax()))
+            logits, past = sess.step(np.array([[token]]), past)
+        agree = float(np.mean(np.array(forced) == np.array(torch_tokens)))
+        print(f"\n{prompt!r}: greedy prefix agreement {_agreement(onnx_tokens, torch_tokens)}/{NEW_TOKENS}, "
+              f"teacher-forced agreement {agree:.2f}")
+        assert onnx_tokens[0] == torch_tokens[0]
+        assert agree >= 0.75, (prompt, agree)
+
+
+def test_real_every_layer_fused(int8_model):
+    _, state, res = int8_model
+    report = check_fusion(res.onnx)
+    print("\n" + report.summary())
+    assert len(state.scales) == 30 * 7
+    assert report.passed and not report.unfused
+    assert len(report.fused) == len(report.kernels) == 210
+    assert set(report.kernels) == set(state.scales)
