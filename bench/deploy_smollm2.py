@@ -250,6 +250,40 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# --- greedy generation, ONNX Runtime against the PyTorch fake-quant twin ---------------------------
+
+PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The quick brown fox", "def fibonacci(n):")
+
+
+def greedy_agreement(args, work: Path, names: list[str]) -> dict:
+    """Per SASQ row and prompt: how many of ``--greedy-tokens`` greedy tokens from ONNX Runtime
+    (KV cache) equal PyTorch's before the first difference."""
+    import torch
+
+    from runtime import open_session
+    from runtime.generate import Sampling, generate
+    from sasq_edge.evaluate import greedy_tokens
+    from sasq_edge.models import load_model
+    from sasq_edge.state import ScaleState
+
+    torch.set_num_threads(args.threads)
+    out = {}
+    for name in names:
+        if not name.startswith("sasq-"):
+            continue
+        lm = load_model(args.model)
+        ScaleState.load(work / name).apply(lm.model)
+        sess = open_session(work / name / "model.onnx", ["cpu"], args.threads)
+        out[name] = {}
+        for prompt in PROMPTS:
+            ids = lm.tokenizer(prompt)["input_ids"]
+            a = greedy_tokens(lm.model, ids, args.greedy_tokens)
+            b, _ = generate(sess, ids, Sampling(max_new_tokens=args.greedy_tokens))
+            out[name][prompt] = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        print(f"greedy agreement {name}: {out[name]}", flush=True)
+    return out
+
+
 # --- the report -------------------------------------------------------------------------------------
 
 
@@ -322,6 +356,13 @@ def markdown(r: dict) -> str:
         if "torch_twin_ppl" in b:
             lines.append(f"- {LABELS[row['name']]}: PyTorch {b['torch_twin_ppl']:.3f}, ONNX Runtime {row['ppl']:.3f} "
                          f"(relative difference {row['ppl_rel_diff_vs_torch_twin']:.2e})")
+    if r.get("greedy_agreement"):
+        n = r["greedy_tokens"]
+        lines += ["", f"Greedy generation, ONNX Runtime (KV cache) against the PyTorch fake-quant twin: tokens equal "
+                  f"before the first difference, out of {n}:", "",
+                  "| configuration | " + " | ".join(repr(p) for p in PROMPTS) + " |", "| --- |" + " --- |" * len(PROMPTS)]
+        for name, per in r["greedy_agreement"].items():
+            lines.append(f"| {LABELS[name]} | " + " | ".join(str(per[p]) for p in PROMPTS) + " |")
     if r["targets"]:
         lines += ["", "Targets (issue 3, ratios from this run):", ""]
         lines += [f"- {k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()]
@@ -344,6 +385,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--rows", default=",".join(["torch-fp32", "ort-fp32", "ort-dynamic", "ort-dynamic-8bit", "ort-static", *OURS]))
     p.add_argument("--only-measure", action="store_true", help="skip building; measure the cached artifacts")
+    p.add_argument("--greedy-tokens", type=int, default=32)
+    p.add_argument("--only-greedy", action="store_true",
+                   help="only (re)run the greedy-generation comparison and merge it into the existing results")
     p.add_argument("--measure-row", help=argparse.SUPPRESS)  # internal: one row, in this process
     p.add_argument("--out", default=str(RESULTS / "deploy_smollm2"))
     args = p.parse_args()
@@ -355,6 +399,15 @@ def main() -> None:
     unknown = [n for n in names if n not in LABELS]
     if unknown:
         p.error(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(LABELS)}")
+    out = Path(args.out)
+    if args.only_greedy:
+        result = json.loads(out.with_suffix(".json").read_text())
+        result["greedy_tokens"] = args.greedy_tokens
+        result["greedy_agreement"] = greedy_agreement(args, work, [r["name"] for r in result["rows"]])
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return
     if not args.only_measure:
         from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
         from sasq_edge.models import load_model
@@ -380,7 +433,8 @@ def main() -> None:
               "prefill": args.prefill, "runs": args.runs, "decode": args.decode, "machine": machine(args.threads),
               "rows": rows}
     result["targets"] = summarize(rows)
-    out = Path(args.out)
+    result["greedy_tokens"] = args.greedy_tokens
+    result["greedy_agreement"] = greedy_agreement(args, work, names)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))

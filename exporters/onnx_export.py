@@ -200,6 +200,9 @@ def export_onnx(
     folder = out_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     model.config.to_json_file(str(folder / "config.json"))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:  # eos ids for sasq-generate and optimum's generate()
+        generation_config.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     if state is not None:
