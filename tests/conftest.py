@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 from sasq_edge.config import QuantConfig
 from sasq_edge.models import LoadedModel, tiny_random_llama
 
-SHARED_WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "wikitext2"
+SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+SHARED_WIKITEXT = SHARED_ASSETS / "wikitext2"
+SMOLLM2_DIR = Path(os.environ.get("SASQ_SMOLLM2_DIR", Path.home() / ".cache" / "sasq-assets" / "smollm2-135m-instruct"))
 
 
 @pytest.fixture
@@ -54,3 +58,15 @@ def no_data_env(monkeypatch):
     monkeypatch.delenv("SASQ_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return os.environ
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder, made once per machine from the shared
+    assets by their materialize script into ``$SASQ_SMOLLM2_DIR`` (outside the repo)."""
+    if not (SMOLLM2_DIR / "model.safetensors").is_file():
+        script = SHARED_ASSETS / "materialize_smollm2.py"
+        if not script.is_file():
+            pytest.skip(f"SmolLM2 assets not found at {SHARED_ASSETS}; set SASQ_SMOLLM2_DIR to a materialized folder")
+        subprocess.run([sys.executable, str(script), str(SMOLLM2_DIR)], check=True)
+    return SMOLLM2_DIR

@@ -4,9 +4,6 @@ The model folder is made once per machine by ../shared/assets/materialize_smollm
 ``$SASQ_SMOLLM2_DIR`` (default ``~/.cache/sasq-assets/smollm2-135m-instruct``), outside the repo.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +26,7 @@ pytestmark = pytest.mark.real_model
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 WIKITEXT = ASSETS / "wikitext2"
-MODEL_DIR = Path(os.environ.get("SASQ_SMOLLM2_DIR", Path.home() / ".cache" / "sasq-assets" / "smollm2-135m-instruct"))
 
-
-@pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    if not (MODEL_DIR / "model.safetensors").is_file():
-        script = ASSETS / "materialize_smollm2.py"
-        if not script.is_file():
-            pytest.skip(f"SmolLM2 assets not found at {ASSETS}; set SASQ_SMOLLM2_DIR to a materialized folder")
-        subprocess.run([sys.executable, str(script), str(MODEL_DIR)], check=True)
-    return MODEL_DIR
 
 
 @pytest.fixture(scope="module")
