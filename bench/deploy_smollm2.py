@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -183,7 +182,50 @@ def _median_ms(fn, runs: int) -> float:
     return 1000 * float(np.median(times))
 
 
-def measure_row(args, name: str, work: Path) -> dict:
+def _torch_decode_fns(args, model, prompt):
+    import torch
+
+    ids = torch.from_numpy(prompt)
+
+    def prefill():
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False)
+
+    def decode() -> list[float]:
+        steps = []
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(args.decode + 1):
+                t = time.perf_counter()
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                steps.append(time.perf_counter() - t)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return steps[1:]
+
+    return prefill, decode
+
+
+def _onnx_decode_fns(args, sess, prompt):
+    def prefill():
+        return sess.logits(prompt)
+
+    def decode() -> list[float]:
+        logits, past = sess.step(prompt, sess.cache.empty(1))
+        steps = []
+        for _ in range(args.decode + 1):
+            token = logits[:, -1:].argmax(-1).astype(np.int64)
+            t = time.perf_counter()
+            logits, past = sess.step(token, past)
+            steps.append(time.perf_counter() - t)
+        return steps[1:]
+
+    return prefill, decode
+
+
+def measure_row(args, name: str, work: Path, what: str) -> dict:
+    """``what="quality"``: perplexity, file size, fusion, peak RSS; ``what="timing"``: one round of
+    prefill (median of ``--runs``) and decode (median of ``--decode`` steps)."""
     test = _cached_test_windows(work)
     prompt = test[0][: args.prefill][None].astype(np.int64)
     row: dict = {"name": name}
@@ -195,47 +237,67 @@ def measure_row(args, name: str, work: Path) -> dict:
 
         torch.set_num_threads(args.threads)
         model = load_model(args.model).model
-        ids = torch.from_numpy(prompt)
-        with torch.no_grad():
-            row["prefill_ms"] = _median_ms(lambda: model(input_ids=ids, use_cache=False), args.runs)
-            out = model(input_ids=ids, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            steps = []
-            past = out.past_key_values
-            for _ in range(args.decode + 1):
-                t = time.perf_counter()
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                steps.append(time.perf_counter() - t)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        row["decode_tokens_per_s"] = 1.0 / float(np.median(steps[1:]))
-        row["ppl"] = perplexity(model, test, desc=name).ppl
-        row["file_bytes"] = None
+        prefill, decode = _torch_decode_fns(args, model, prompt)
+        if what == "quality":
+            row["ppl"] = perplexity(model, test, desc=name).ppl
+            row["file_bytes"] = None
     else:
         from runtime import open_session, perplexity
 
         path = work / name / "model.onnx"
         sess = open_session(path, ["cpu"], args.threads)
-        row["prefill_ms"] = _median_ms(lambda: sess.logits(prompt), args.runs)
-        logits, past = sess.step(prompt, sess.cache.empty(1))
-        steps = []
-        for _ in range(args.decode + 1):
-            token = logits[:, -1:].argmax(-1).astype(np.int64)
-            t = time.perf_counter()
-            logits, past = sess.step(token, past)
-            steps.append(time.perf_counter() - t)
-        row["decode_tokens_per_s"] = 1.0 / float(np.median(steps[1:]))
-        row["ppl"] = perplexity(sess, test, desc=name).ppl
-        row["file_bytes"] = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
-        if sess.profile is not None:
-            from runtime.fusion import check_fusion
+        prefill, decode = _onnx_decode_fns(args, sess, prompt)
+        if what == "quality":
+            row["ppl"] = perplexity(sess, test, desc=name).ppl
+            row["file_bytes"] = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
+            if sess.profile is not None:
+                from runtime.fusion import check_fusion
 
-            fusion = check_fusion(path)
-            row["fused_layers"] = f"{len(fusion.fused)}/{len(fusion.kernels)}"
-    row["peak_rss_mb"] = _peak_rss_mb()
-    build = work / name / "build.json"
-    if build.is_file():
-        row["build"] = json.loads(build.read_text())
+                fusion = check_fusion(path)
+                row["fused_layers"] = f"{len(fusion.fused)}/{len(fusion.kernels)}"
+    if what == "timing":
+        row["prefill_ms"] = _median_ms(prefill, args.runs)
+        row["decode_ms"] = 1000 * float(np.median(decode()))
+    else:
+        prefill()  # the peak RSS includes a 512-token prefill
+        row["peak_rss_mb"] = _peak_rss_mb()
+        build = work / name / "build.json"
+        if build.is_file():
+            row["build"] = json.loads(build.read_text())
     return row
+
+
+def _run_row(name: str, what: str) -> dict:
+    cmd = [sys.executable, __file__, "--measure-row", name, "--measure-what", what,
+           *[a for a in sys.argv[1:] if a != "--only-measure"]]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"row {name} ({what}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_all(args, names: list[str]) -> list[dict]:
+    """Quality once per row; timing in ``--rounds`` round-robin passes over all rows (each in a
+    fresh process), so a slow spell of this shared machine hits every row, not one. A row's
+    prefill and decode figures are the medians over the rounds."""
+    rows = {}
+    for name in names:
+        print(f"quality {name} ...", flush=True)
+        rows[name] = _run_row(name, "quality")
+        print(f"  PPL {rows[name]['ppl']:.3f}, peak RSS {rows[name]['peak_rss_mb']:.0f} MB", flush=True)
+    rounds: dict[str, list[dict]] = {n: [] for n in names}
+    for k in range(args.rounds):
+        for name in names:
+            t = _run_row(name, "timing")
+            rounds[name].append({"prefill_ms": t["prefill_ms"], "decode_ms": t["decode_ms"]})
+            print(f"round {k + 1}/{args.rounds} {name}: prefill {t['prefill_ms']:.0f} ms, decode {t['decode_ms']:.1f} ms/token",
+                  flush=True)
+    for name in names:
+        r = rows[name]
+        r["rounds"] = rounds[name]
+        r["prefill_ms"] = float(np.median([x["prefill_ms"] for x in rounds[name]]))
+        r["decode_tokens_per_s"] = 1000.0 / float(np.median([x["decode_ms"] for x in rounds[name]]))
+    return [rows[n] for n in names]
 
 
 def _peak_rss_mb() -> float:
@@ -337,8 +399,9 @@ def markdown(r: dict) -> str:
         f"SmolLM2-135M-Instruct (Q4_1-dequantized), batch 1, {m['cpu']} ({', '.join(m['isa'])}), "
         f"{m['threads']} threads, onnxruntime {m['onnxruntime']}, torch {m['torch']}.",
         f"Prefill: {r['prefill']} tokens, median of {r['runs']} runs. Decode: tokens/s at context {r['prefill']}, "
-        f"median of {r['decode']} single-token steps with the KV cache. PPL: WikiText-2 raw test, first "
-        f"{r['windows']} windows of {r['seq_len']} tokens. Each row in its own process (peak RSS = that process).",
+        f"median of {r['decode']} single-token steps with the KV cache. Timings: medians over {r.get('rounds', 1)} "
+        f"round-robin passes over all rows, each row in a fresh process. PPL: WikiText-2 raw test, first "
+        f"{r['windows']} windows of {r['seq_len']} tokens. Peak RSS: the process that ran the row's perplexity.",
         "",
         "| configuration | PPL | prefill ms | x ORT FP32 | decode tok/s | x ORT FP32 | file MB | peak RSS MB | integer layers |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -388,12 +451,14 @@ def main() -> None:
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--only-greedy", action="store_true",
                    help="only (re)run the greedy-generation comparison and merge it into the existing results")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin timing passes over all rows (default 3)")
     p.add_argument("--measure-row", help=argparse.SUPPRESS)  # internal: one row, in this process
+    p.add_argument("--measure-what", default="quality", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS / "deploy_smollm2"))
     args = p.parse_args()
     work = Path(args.work)
     if args.measure_row:
-        print(json.dumps(measure_row(args, args.measure_row, work)))
+        print(json.dumps(measure_row(args, args.measure_row, work, args.measure_what)))
         return
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in LABELS]
@@ -418,19 +483,10 @@ def main() -> None:
         build_ort_baselines(args, work, sample_windows(val, args.calib_batches, 0))
         build_ours(args, work)
         np.save(work / "test_windows.npy", _test_windows(args, tok))
-    rows = []
-    for name in names:
-        cmd = [sys.executable, __file__, "--measure-row", name, *[a for a in sys.argv[1:] if a != "--only-measure"]]
-        print(f"measuring {name} ...", flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"row {name} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"  PPL {r['ppl']:.3f}, prefill {r['prefill_ms']:.0f} ms, decode {r['decode_tokens_per_s']:.1f} tok/s, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    rows = measure_all(args, names)
     result = {"model": "SmolLM2-135M-Instruct (Q4_1-dequantized)", "seq_len": args.seq_len, "windows": args.max_windows,
-              "prefill": args.prefill, "runs": args.runs, "decode": args.decode, "machine": machine(args.threads),
+              "prefill": args.prefill, "runs": args.runs, "decode": args.decode, "rounds": args.rounds,
+              "machine": machine(args.threads),
               "rows": rows}
     result["targets"] = summarize(rows)
     result["greedy_tokens"] = args.greedy_tokens
@@ -439,7 +495,6 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
-    shutil.rmtree(work / "tmp", ignore_errors=True)
 
 
 if __name__ == "__main__":
