@@ -94,12 +94,12 @@ def check_fusion(path: str | os.PathLike, provider: str = "cpu", threads: int | 
     path = Path(path)
     if provider != "cpu":
         raise RuntimeSetupError(f"the fusion check reads ONNX Runtime's CPU graph; provider {provider!r} compiles its own kernels: use cpu")
-    source = onnx.load(str(path), load_external_data=False)
+    source = onnx.load(str(path), load_external_data=False)  # read once: targets and metadata
     targets = target_weights(source)
     if not targets:
         raise RuntimeSetupError(f"{path} has no quantized linear layers (DequantizeLinear(int8 weight) -> MatMul): nothing to check")
     with tempfile.TemporaryDirectory(prefix="sasq-fusion-") as tmp:
-        so = session_options(path, threads)
+        so = session_options(path, threads, {p.key: p.value for p in source.metadata_props})
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         # large models: keep the optimized weights out of the protobuf (2 GB limit); we read nodes only
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")

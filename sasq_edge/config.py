@@ -49,21 +49,18 @@ PROFILES: dict[str, DeployProfile] = {
         description="x86 CPUs with AVX2 and no VNNI: uint8 activations (zero point 128), "
         "7-bit weights in [-64, 63] per output channel, so ORT's fast u8s8 kernel is exact",
     ),
-    "cpu-vnni": DeployProfile(
-        name="cpu-vnni",
-        act=_U8_ACT,
-        weight=IntGrid(-127, 127, zero_point=0, dtype="int8"),
-        description="x86 CPUs with AVX-VNNI or AVX512-VNNI: uint8 activations (zero point 128), "
-        "int8 weights in [-127, 127] per output channel (vpdpbusd accumulates in 32 bits)",
-    ),
-    "arm64": DeployProfile(
-        name="arm64",
-        act=_U8_ACT,
-        weight=IntGrid(-127, 127, zero_point=0, dtype="int8"),
-        description="64-bit ARM (NEON dot product): uint8 activations (zero point 128), "
-        "int8 weights in [-127, 127] per output channel",
-    ),
 }
+
+# the same grids as trt with uint8 activations: one training serves all three (ScaleState.with_profile)
+for _name, _hardware in (("cpu-vnni", "x86 CPUs with AVX-VNNI or AVX512-VNNI (vpdpbusd accumulates in 32 bits)"),
+                         ("arm64", "64-bit ARM (NEON dot product)")):
+    PROFILES[_name] = DeployProfile(
+        name=_name,
+        act=_U8_ACT,
+        weight=PROFILES["trt"].weight,
+        description=f"{_hardware}: uint8 activations (zero point 128), int8 weights in [-127, 127] per output channel",
+    )
+del _name, _hardware
 
 CALIBRATIONS = ("absmax", "percentile", "mse")
 EMBEDDINGS = ("float", "int8")
