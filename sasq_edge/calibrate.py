@@ -57,6 +57,10 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantCo
     targets = dict(quant_linears(model))
     if not targets:
         raise ConfigError("model has no quantized layers: call prepare(model, config) first")
+    if config.activations == "dynamic":  # scales come from each token at run time
+        set_mode(model, "fake")
+        return {}
+    device = next(model.parameters()).device
     observers = {name: make_observer(config, m.act_quant.grid) for name, m in targets.items()}
     handles = []
     try:
@@ -65,7 +69,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantCo
             handles.append(m.register_forward_pre_hook(lambda _m, args, obs=obs: obs.update(args[0])))
         with quant_mode(model, "float"):
             for ids in tqdm(list(batches), desc="calibrate", unit="batch"):
-                model(input_ids=ids)
+                model(input_ids=ids.to(device))
     finally:
         for h in handles:
             h.remove()

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sasq_edge.config import CALIBRATIONS, PROFILES, TRUNCATIONS, QuantConfig, resolve_profile
+from sasq_edge.config import CALIBRATIONS, LR_SCHEDULES, PROFILES, TRUNCATIONS, QuantConfig, resolve_profile
 from sasq_edge.errors import SasqError
 
 EXIT_USAGE, EXIT_PARITY = 2, 1
@@ -56,6 +56,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--int8-lm-head", action="store_true", help="quantize the output head too (INT8 weight, trained activation scale)")
     p.add_argument("--int8-embedding", action="store_true", help="store the embedding table as weight-only per-row INT8")
+    p.add_argument("--smooth-alpha", default=None,
+                   help="fold SmoothQuant per-channel factors with this strength (0..1) into the preceding RMSNorm / "
+                        "linear before quantizing; 'auto' searches it on held-out validation windows (default: off)")
+    p.add_argument("--smooth-learn", action="store_true", help="train the smoothing factors too (needs --smooth-alpha)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, help=f"learning-rate schedule: {', '.join(LR_SCHEDULES)}")
+    p.add_argument("--device", default="cpu", help="torch device for calibration and training: cpu or cuda (default cpu)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +94,60 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         seed=args.seed,
         lm_head=args.int8_lm_head,
         embedding="int8" if args.int8_embedding else "float",
+        smooth_alpha=_smooth_alpha(args.smooth_alpha),
+        smooth_learn=args.smooth_learn,
+        lr_schedule=args.lr_schedule,
     )
+
+
+AUTO_ALPHA = 0.5  # placeholder while --smooth-alpha auto is searched (see _run_sasq)
+SELECT_WINDOWS = 4  # held-out validation windows that pick alpha for --smooth-alpha auto
+
+
+def _smooth_alpha(value: str | None) -> float | None:
+    if value is None:
+        return None
+    if value == "auto":
+        return AUTO_ALPHA
+    try:
+        return float(value)
+    except ValueError:
+        raise SasqError(f"--smooth-alpha {value!r} must be a number in [0, 1] or auto") from None
+
+
+def _run_sasq(lm, args: argparse.Namespace, config: QuantConfig):
+    """run_sasq on ``args.device``; with ``--smooth-alpha auto`` the last validation windows are
+    held out of training and pick SmoothQuant's alpha first."""
+    import dataclasses
+
+    import torch
+
+    from sasq_edge.pipeline import run_sasq, training_windows
+
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SasqError("--device cuda, but torch sees no CUDA GPU: use --device cpu")
+    except RuntimeError as e:
+        raise SasqError(f"--device {args.device!r}: {e}; use cpu or cuda") from None
+    lm.model.to(device)
+    windows = training_windows(lm, config, args.data_dir)
+    if args.smooth_alpha == "auto":
+        from sasq_edge.baselines import search_smooth_alpha
+        from sasq_edge.data import sample_windows
+
+        if windows.shape[0] <= SELECT_WINDOWS:
+            raise SasqError(f"--smooth-alpha auto holds out {SELECT_WINDOWS} validation windows, the text has only "
+                            f"{windows.shape[0]} of {config.seq_len} tokens: pass a number or a shorter --seq-len")
+        windows, select = windows[:-SELECT_WINDOWS], windows[-SELECT_WINDOWS:]
+        calib = sample_windows(windows, config.calib_batches, config.seed)
+        alpha, tried = search_smooth_alpha(lm.model, dataclasses.replace(config, train_steps=0, smooth_learn=False),
+                                           calib, select)
+        print(f"smooth alpha auto -> {alpha} (validation PPL {tried[alpha]:.3f})", file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, smooth_alpha=alpha)
+    state, report = run_sasq(lm, config, args.data_dir, windows=windows)
+    lm.model.to("cpu")
+    return state, report
 
 
 def _emit(args: argparse.Namespace, summary: str, result: dict) -> None:
@@ -127,11 +186,10 @@ def _train(argv: list[str] | None) -> int:
     _add_train_args(p)
     args = p.parse_args(argv)
     from sasq_edge.models import load_model
-    from sasq_edge.pipeline import run_sasq
 
     config = _config(args)
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    state, report = run_sasq(lm, config, args.data_dir)
+    state, report = _run_sasq(lm, args, config)
     state.save(args.run_dir)
     result = {"run_dir": str(args.run_dir), "profile": config.profile, "modules": len(state.scales), **report.summary()}
     _emit(args, f"trained {len(state.scales)} activation scales in {report.steps} steps "
@@ -155,7 +213,6 @@ def _export(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     from exporters import export_onnx
     from sasq_edge.models import load_model
-    from sasq_edge.pipeline import run_sasq
     from sasq_edge.state import ScaleState
 
     if args.float and args.scales:
@@ -169,7 +226,7 @@ def _export(argv: list[str] | None) -> int:
     if state is not None:
         state.apply(lm.model)
     elif not args.float:
-        state, _ = run_sasq(lm, _config(args), args.data_dir)
+        state, _ = _run_sasq(lm, args, _config(args))
     res = export_onnx(lm.model, args.onnx, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache)
     d = res.to_dict()
     _emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
@@ -380,9 +437,109 @@ def _lint(argv: list[str] | None) -> int:
     return 0 if report.passed else EXIT_PARITY
 
 
+# --- sasq-baseline -----------------------------------------------------------------------------
+
+ORT_METHODS = ("ort-minmax", "ort-percentile", "ort-entropy")
+
+
+def _baseline(argv: list[str] | None) -> int:
+    from sasq_edge.baselines import METHODS
+
+    p = _parser(
+        "sasq-baseline",
+        "WikiText-2 test perplexity of one baseline SASQ is measured against, on the same windows and calibration text.",
+        epilog="methods:\n"
+        "  fp32, fp16         the float model (fp16 on a GPU or a CPU with AVX512-FP16)\n"
+        "  naive              static W8A8, absmax per-tensor activation scales, no training\n"
+        "  percentile, mse    static PTQ with percentile / MSE-optimal clipping\n"
+        "  smoothquant        SmoothQuant static per-tensor: factors folded into RMSNorm / linears,\n"
+        "                     alpha searched on held-out validation windows unless --smooth-alpha is given\n"
+        "  dynamic            per-token absmax activation scales at run time (accuracy reference)\n"
+        "  ort-minmax, ort-percentile, ort-entropy\n"
+        "                     ONNX Runtime quantize_static (QDQ, u8 activations, s8 per-channel weights)\n"
+        "                     on a float export (sasq-export --float); evaluated on ONNX Runtime",
+    )
+    p.add_argument("method", help=f"{', '.join(METHODS)}, {', '.join(ORT_METHODS)}")
+    _add_model_args(p, required=False)
+    _add_data_args(p)
+    _add_train_args(p)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N test windows")
+    p.add_argument("--float-onnx", help="ort-*: the float export to quantize (sasq-export --float)")
+    p.add_argument("--out", help="ort-*: where to write the quantized .onnx")
+    p.add_argument("--calib-seq-len", type=int, default=512,
+                   help="ort-*: tokens per calibration window (ORT keeps every window's tensors in memory)")
+    p.add_argument("--ort-percentile", type=float, default=99.999, help="ort-percentile: ORT's CalibPercentile (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="ort-*: ONNX Runtime intra-op threads")
+    args = p.parse_args(argv)
+    if args.method in ORT_METHODS:
+        return _baseline_ort(args)
+    if args.method not in METHODS:
+        raise SasqError(f"unknown baseline {args.method!r}: choose one of {', '.join(METHODS + ORT_METHODS)}")
+    if not args.model:
+        raise SasqError(f"{args.method} needs --model (hub id, folder, .gguf or tiny-random-llama)")
+    import dataclasses
+
+    import torch
+
+    from sasq_edge.baselines import build_method
+    from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
+    from sasq_edge.evaluate import perplexity
+    from sasq_edge.models import load_model
+    from sasq_edge.pipeline import training_windows
+
+    config = dataclasses.replace(_config(args), train_steps=0, smooth_learn=False)
+    if args.smooth_alpha == "auto":
+        config = dataclasses.replace(config, smooth_alpha=None)
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SasqError(f"--device {args.device}, but torch sees no CUDA GPU: use --device cpu")
+    lm.model.to(args.device)
+    windows = training_windows(lm, config, args.data_dir)
+    select = None
+    if args.method == "smoothquant" and config.smooth_alpha is None:
+        if windows.shape[0] <= SELECT_WINDOWS:
+            raise SasqError(f"the alpha search holds out {SELECT_WINDOWS} validation windows, the text has only "
+                            f"{windows.shape[0]}: pass --smooth-alpha or a shorter --seq-len")
+        windows, select = windows[:-SELECT_WINDOWS], windows[-SELECT_WINDOWS:]
+    calib = sample_windows(windows, config.calib_batches, config.seed)
+    model, info = build_method(lm.model, args.method, config, calib, select)
+    test = make_windows(tokenize(load_text("test", args.data_dir), lm.tokenizer), config.seq_len, args.max_windows)
+    res = perplexity(model, test, desc=args.method)
+    out = {**info, **res.to_dict()}
+    extra = f", alpha {info['alpha']}" if "alpha" in info else ""
+    _emit(args, f"{args.method}: perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens{extra}", out)
+    return 0
+
+
+def _baseline_ort(args: argparse.Namespace) -> int:
+    from exporters.ort_static import quantize_static_baseline
+    from runtime import open_session, perplexity
+    from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
+
+    if not args.float_onnx or not args.out:
+        raise SasqError(f"{args.method} needs --float-onnx (from sasq-export --float) and --out (the quantized .onnx)")
+    if not str(args.out).endswith(".onnx"):
+        raise SasqError(f"--out {args.out} must end in .onnx")
+    src = Path(args.float_onnx)
+    if not src.is_file():
+        raise SasqError(f"{src} not found: export the float model first with sasq-export --float")
+    open_session(src, ["cpu"], args.threads)  # a corrupt or foreign file fails here, before calibration
+    tokenizer = _load_tokenizer(src.parent, None)
+    valid = tokenize(load_text("validation", args.data_dir), tokenizer)
+    calib = sample_windows(make_windows(valid, args.calib_seq_len), args.calib_batches, args.seed)
+    build = quantize_static_baseline(src, args.out, calib, args.method.removeprefix("ort-"), percentile=args.ort_percentile)
+    sess = open_session(args.out, ["cpu"], args.threads)
+    windows = _eval_windows(args, Path(args.out), tokenizer)
+    res = perplexity(sess, windows)
+    _emit(args, f"{args.method}: perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens -> {args.out}",
+          {**build, **res.to_dict(), "onnx": str(args.out)})
+    return 0
+
+
 train_main = _entry("sasq-train", _train)
 export_main = _entry("sasq-export", _export)
 ppl_main = _entry("sasq-ppl", _ppl)
 validate_main = _entry("sasq-validate", _validate)
 generate_main = _entry("sasq-generate", _generate)
 lint_main = _entry("sasq-lint", _lint)
+baseline_main = _entry("sasq-baseline", _baseline)

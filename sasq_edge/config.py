@@ -65,6 +65,8 @@ del _name, _hardware
 CALIBRATIONS = ("absmax", "percentile", "mse")
 EMBEDDINGS = ("float", "int8")
 TRUNCATIONS = ("clip", "tanh")
+ACTIVATIONS = ("static", "dynamic")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 AUTO = "auto"
@@ -145,6 +147,14 @@ class QuantConfig:
     seed: int = 0
     lm_head: bool = False  # quantize the output head like the decoder linears (trained activation scale)
     embedding: str = "float"  # "int8": weight-only per-row INT8 embedding table
+    # per-input-channel factors folded SmoothQuant-style into the preceding RMSNorm / linear
+    # (x / s, W * s) before quantization; None = off. The deployed graph keeps per-tensor scales.
+    smooth_alpha: float | None = None
+    # train the smoothing factors too (on top of SmoothQuant's), folded into the weights after training
+    smooth_learn: bool = False
+    lr_schedule: str = "constant"
+    # "dynamic": per-token absmax scales computed at run time (accuracy reference; not exportable)
+    activations: str = "static"
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -160,6 +170,16 @@ class QuantConfig:
                               "drop --int8-embedding, or pick --profile cpu-avx2, cpu-vnni or arm64")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"unknown truncation {self.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError(f"unknown activations {self.activations!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if self.activations == "dynamic" and self.train_steps:
+            raise ConfigError("dynamic per-token activations have no scales to train: use train_steps=0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha={self.smooth_alpha} must lie in [0, 1] (SmoothQuant's migration strength)")
+        if self.smooth_learn and self.smooth_alpha is None:
+            raise ConfigError("smooth_learn trains the smoothing factors SmoothQuant starts: set smooth_alpha too")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile={self.percentile} must lie in (50, 100]")
         for name in ("calib_batches", "batch_size", "seq_len"):

@@ -25,19 +25,25 @@ class PplResult:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows, "seq_len": self.seq_len}
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def iter_logits(model: nn.Module, windows: np.ndarray, desc: str = "torch") -> Iterator[np.ndarray]:
     """Float32 logits ``(T, V)`` of each window, one forward pass per window."""
+    device = _device(model)
     for row in tqdm(windows, desc=desc, unit="window"):
-        ids = torch.from_numpy(np.ascontiguousarray(row))[None]  # (1, T)
-        yield model(input_ids=ids).logits[0].float().numpy()
+        ids = torch.from_numpy(np.ascontiguousarray(row))[None].to(device)  # (1, T)
+        yield model(input_ids=ids).logits[0].float().cpu().numpy()
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: np.ndarray, desc: str = "torch ppl") -> PplResult:
+def perplexity(model: nn.Module, windows: np.ndarray, desc: str = "torch ppl", *, progress: bool = True) -> PplResult:
     total, count = 0.0, 0
-    for row in tqdm(windows, desc=desc, unit="window"):
-        ids = torch.from_numpy(np.ascontiguousarray(row))[None]  # (1, T)
+    device = _device(model)
+    for row in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        ids = torch.from_numpy(np.ascontiguousarray(row))[None].to(device)  # (1, T)
         logits = model(input_ids=ids).logits[0, :-1].double()  # (T-1, V)
         total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1

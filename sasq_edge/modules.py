@@ -47,10 +47,11 @@ class ActQuantizer(nn.Module):
     into ``QuantizeLinear``/``DequantizeLinear`` with constant scales.
     """
 
-    def __init__(self, grid: IntGrid, truncation: str = "clip") -> None:
+    def __init__(self, grid: IntGrid, truncation: str = "clip", dynamic: bool = False) -> None:
         super().__init__()
         self.grid = grid
         self.truncation = truncation
+        self.dynamic = dynamic  # per-token absmax scales at run time (accuracy reference only)
         self.mode: Mode = "float"
         self._frozen: tuple[float, float | None] | None = None  # (scale, trunc) as Python floats, for export
         self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=False)
@@ -78,6 +79,9 @@ class ActQuantizer(nn.Module):
         """Switch mode; ``export`` freezes the current scales into Python floats first (the
         exporter traces parameters as graph inputs, so it cannot read them as constants)."""
         if mode == "export":
+            if self.dynamic:
+                raise ConfigError("dynamic per-token activations are an accuracy reference and cannot be exported: "
+                                  "train static scales (activations='static')")
             trunc = self.trunc
             self.freeze(float(self.scale), None if trunc is None else float(trunc))
         self.mode = mode
@@ -104,6 +108,9 @@ class ActQuantizer(nn.Module):
         straight-through gradient) and the scale ``s`` (with LSQ's scaled gradient), so that
         ``codes * s`` is the fake-quantized input. Computed with the float operations the
         deployed ``QuantizeLinear`` uses (one division, round half to even)."""
+        if self.dynamic:
+            s = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / self.grid.qmax  # (..., 1)
+            return torch.clamp(round_ste(x / s), self.grid.qmin, self.grid.qmax), s
         if self.log_trunc is not None:
             x = soft_truncate(x, self.log_trunc.exp())
         s = grad_scale(self.log_scale.exp(), lsq_grad_scale(x.numel(), self.grid))
@@ -123,20 +130,31 @@ class ActQuantizer(nn.Module):
 class QuantLinear(nn.Linear):
     """``nn.Linear`` with a quantized input and a frozen per-output-channel INT8 weight."""
 
-    def __init__(self, linear: nn.Linear, act_grid: IntGrid, weight_grid: IntGrid, truncation: str) -> None:
+    def __init__(self, linear: nn.Linear, act_grid: IntGrid, weight_grid: IntGrid, truncation: str,
+                 dynamic: bool = False) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects: nothing is copied
         self.bias = linear.bias
         self.weight_grid = weight_grid
-        self.act_quant = ActQuantizer(act_grid, truncation)
-        with torch.no_grad():
-            w = linear.weight.detach().to(torch.float32)
-            scale = weight_scales_per_channel(w, weight_grid)  # (N,)
-            self.register_buffer("weight_int", quantize_to_int(w, scale[:, None], weight_grid).to(torch.int8))
-            self.register_buffer("weight_scale", scale)
-            # the integer codes as float32, for fake-quant forward passes (see ``forward``)
-            self.register_buffer("weight_codes", self.weight_int.to(torch.float32), persistent=False)
+        self.act_quant = ActQuantizer(act_grid, truncation, dynamic)
+        # full-weight QAT (the cost comparison in bench/): re-quantize the live weight each pass
+        self.live_weight = False
+        # learnable per-input-channel smoothing (sasq_edge.smooth.attach_learnable): the input is
+        # divided and the weight's columns multiplied by exp(log_smooth), expanded by smooth_index
+        self.log_smooth: nn.Parameter | None = None
+        self.smooth_index: torch.Tensor | None = None
+        self.refresh_weight()
+
+    @torch.no_grad()
+    def refresh_weight(self) -> None:
+        """(Re)compute the frozen INT8 weight from ``self.weight`` (after factors are folded)."""
+        w = self.weight.detach().to(torch.float32)
+        scale = weight_scales_per_channel(w, self.weight_grid)  # (N,)
+        self.register_buffer("weight_int", quantize_to_int(w, scale[:, None], self.weight_grid).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        # the integer codes as float32, for fake-quant forward passes (see ``forward``)
+        self.register_buffer("weight_codes", self.weight_int.to(torch.float32), persistent=False)
 
     @property
     def mode(self) -> Mode:
@@ -156,8 +174,19 @@ class QuantLinear(nn.Linear):
             # for 7-bit weights always does up to K = 2048), so the only float rounding is the
             # final scaling, as in the deployed kernel. Mathematically equal to
             # ``F.linear(codes * s, weight_dq)``, so LSQ/STE gradients are unchanged.
+            weight = self.weight
+            if self.log_smooth is not None:
+                r = self.log_smooth.exp()
+                r = r if self.smooth_index is None else r[self.smooth_index]
+                x, weight = x / r, weight * r[None, :]
             q, s = self.act_quant.codes(x)
-            y = F.linear(q, self.weight_codes.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
+            if self.live_weight or self.log_smooth is not None:
+                g = self.weight_grid
+                ws = weight_scales_per_channel(weight, g)
+                wq = torch.clamp(round_ste(weight / ws[:, None]), g.qmin, g.qmax)
+                y = F.linear(q, wq) * (s * ws)
+            else:
+                y = F.linear(q, self.weight_codes.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
             return y if self.bias is None else y + self.bias
         x = self.act_quant(x)
         if mode == "float":
@@ -258,7 +287,8 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name in target_names(model, config):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation))
+        setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation,
+                                          dynamic=config.activations == "dynamic"))
     if config.embedding == "int8":
         emb = model.get_input_embeddings()
         if type(emb) is not nn.Embedding:
@@ -301,5 +331,12 @@ def quant_mode(model: nn.Module, mode: Mode) -> Iterator[None]:
 
 
 def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The only parameters SASQ trains: every activation quantizer's scale (and truncation)."""
-    return [p for _, m in quant_linears(model) for p in m.act_quant.trainable()]
+    """The only parameters SASQ trains: every activation quantizer's scale (and truncation),
+    and the learnable smoothing factors when attached (shared by a group: listed once)."""
+    params, seen = [], set()
+    for _, m in quant_linears(model):
+        for p in (*m.act_quant.trainable(), m.log_smooth):
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params

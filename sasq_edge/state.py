@@ -1,7 +1,8 @@
 """``ScaleState``: the one thing that passes from training to export.
 
 On disk, a run folder holds ``scales.safetensors`` (one float32 scalar per tensor, keyed
-``<module>.act_scale`` and, with soft truncation, ``<module>.act_trunc``) and ``recipe.json``
+``<module>.act_scale`` and, with soft truncation, ``<module>.act_trunc``; with smoothing, one
+float32 vector of per-channel factors per preceding op, keyed ``<op>.smooth``) and ``recipe.json``
 (format version, config, deploy grids, model fingerprint and source). Nothing is pickled.
 """
 
@@ -30,7 +31,7 @@ from sasq_edge.modules import prepare, quant_linears, set_mode
 FORMAT_VERSION = 1
 SCALES_FILE = "scales.safetensors"
 RECIPE_FILE = "recipe.json"
-_SCALE, _TRUNC = ".act_scale", ".act_trunc"
+_SCALE, _TRUNC, _SMOOTH = ".act_scale", ".act_trunc", ".smooth"
 
 # config keys that describe how a model was saved or loaded, not what it computes
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "use_cache", "architectures"}
@@ -55,6 +56,7 @@ class ScaleState:
     model_source: str
     truncation: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    smooth: dict[str, torch.Tensor] = field(default_factory=dict)  # preceding op -> per-channel factors
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -62,6 +64,11 @@ class ScaleState:
             raise StateError("scale state is empty: it holds no quantized module")
         for name, v in {**self.scales, **self.truncation}.items():
             _check_value(name, v)
+        for name, t in self.smooth.items():
+            if t.ndim != 1 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+                raise StateError(f"smoothing factors of {name} must be a vector of positive finite values; retrain the scales")
+        if bool(self.smooth) != (self.config.smooth_alpha is not None):
+            raise StateError("the recipe's smooth_alpha and the stored smoothing factors disagree: retrain the scales")
         if self.config.truncation == "tanh" and set(self.truncation) != set(self.scales):
             raise StateError("soft-truncation state must hold one range per quantized module")
 
@@ -74,7 +81,8 @@ class ScaleState:
             scales[name] = float(m.act_quant.scale)
             if m.act_quant.trunc is not None:
                 trunc[name] = float(m.act_quant.trunc)
-        return cls(config, scales, model_fingerprint(model), model_source, trunc, dict(training or {}))
+        smooth = {k: v.detach().float().cpu().clone() for k, v in (getattr(model, "sasq_smooth", None) or {}).items()}
+        return cls(config, scales, model_fingerprint(model), model_source, trunc, dict(training or {}), smooth)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Prepare ``model`` with this state's config (if not prepared yet) and load the scales;
@@ -86,7 +94,21 @@ class ScaleState:
                 f"trained on {self.model_source!r}): train scales for this model with sasq-train"
             )
         if not any(True for _ in quant_linears(model)):
+            if getattr(model, "sasq_smooth", None):
+                raise StateError("model was smoothed but not prepared: apply the state to a freshly loaded model")
+            if self.smooth:
+                from sasq_edge.smooth import fold_factors
+
+                try:
+                    fold_factors(model, self.smooth)
+                except ConfigError as e:
+                    raise StateError(str(e)) from None
             prepare(model, self.config)
+        else:
+            have = getattr(model, "sasq_smooth", None) or {}
+            if set(have) != set(self.smooth) or any(not torch.equal(have[k], self.smooth[k]) for k in have):
+                raise StateError("the model was prepared with other smoothing factors than this state's: "
+                                 "apply the state to a freshly loaded model")
         modules = dict(quant_linears(model))
         if set(modules) != set(self.scales):
             diff = sorted(set(modules) ^ set(self.scales))
@@ -133,6 +155,7 @@ class ScaleState:
             },
             "model": {"source": self.model_source, "fingerprint": self.fingerprint},
             "modules": sorted(self.scales),
+            "smooth": sorted(self.smooth),
             "training": self.training,
         }
 
@@ -141,6 +164,7 @@ class ScaleState:
         run_dir.mkdir(parents=True, exist_ok=True)
         tensors = {n + _SCALE: torch.tensor(v, dtype=torch.float32) for n, v in self.scales.items()}
         tensors.update({n + _TRUNC: torch.tensor(v, dtype=torch.float32) for n, v in self.truncation.items()})
+        tensors.update({n + _SMOOTH: v.to(torch.float32).contiguous() for n, v in self.smooth.items()})
         with atomic_path(run_dir / SCALES_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "sasq-scale-state", "version": str(self.version)})
         atomic_write_text(run_dir / RECIPE_FILE, json.dumps(self.recipe(), indent=2) + "\n")
@@ -178,9 +202,10 @@ class ScaleState:
             raise StateError(f"{scales_path} is not a readable safetensors file ({e}): rewrite it with sasq-train") from None
         scales = {k[: -len(_SCALE)]: float(v) for k, v in tensors.items() if k.endswith(_SCALE)}
         trunc = {k[: -len(_TRUNC)]: float(v) for k, v in tensors.items() if k.endswith(_TRUNC)}
-        if sorted(scales) != sorted(recipe.get("modules", [])):
+        smooth = {k[: -len(_SMOOTH)]: v for k, v in tensors.items() if k.endswith(_SMOOTH)}
+        if sorted(scales) != sorted(recipe.get("modules", [])) or sorted(smooth) != sorted(recipe.get("smooth", [])):
             raise StateError(f"{scales_path} and {recipe_path} list different modules: the folder is damaged, retrain")
         try:
-            return cls(config, scales, fingerprint, source, trunc, recipe.get("training", {}))
+            return cls(config, scales, fingerprint, source, trunc, recipe.get("training", {}), smooth)
         except SasqError as e:
             raise StateError(f"{scales_path}: {e}") from None

@@ -3,8 +3,10 @@ quantization with the straight-through estimator, on the next-token loss (SASQ s
 
 from __future__ import annotations
 
+import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +26,7 @@ class TrainReport:
     wall_s: float
     peak_rss_mb: float
     losses: list[float] = field(default_factory=list)
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated, when training ran on a GPU
 
     def summary(self) -> dict:
         first = self.losses[0] if self.losses else None
@@ -34,6 +37,7 @@ class TrainReport:
             "trainable_parameters": self.trainable_parameters,
             "wall_s": round(self.wall_s, 2),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            **({"peak_gpu_mb": round(self.peak_gpu_mb, 1)} if self.peak_gpu_mb is not None else {}),
             "loss_first": first,
             "loss_last10": last,
         }
@@ -58,30 +62,83 @@ def freeze_all_but_scales(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def train_scales(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *, progress: bool = True) -> TrainReport:
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total``."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    return 1.0
+
+
+StepCallback = Callable[[int, nn.Module], None]
+
+
+def train_scales(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *, progress: bool = True,
+                 on_step: StepCallback | None = None) -> TrainReport:
     """Train the activation scales of a calibrated model for ``config.train_steps`` steps.
 
     ``windows``: ``(N, T)`` token ids from the training text (never the test split). Each step
     draws ``config.batch_size`` windows with a generator seeded by ``config.seed``.
+    ``on_step(step, model)`` runs after each optimizer step (1-based), e.g. to evaluate.
     """
+    if config.activations == "dynamic":
+        raise ConfigError("dynamic per-token activations have no scales to train: use train_steps=0")
     if any(m.act_quant.mode != "fake" for _, m in quant_linears(model)):
         raise ConfigError("quantizers are not in fake-quant mode: run calibrate() before train_scales()")
     params = freeze_all_but_scales(model)
-    report = TrainReport(0, 0, sum(p.numel() for p in params), 0.0, 0.0)
-    if config.train_steps == 0:
+    try:
+        return _train(model, windows, config, [{"params": params, "lr": config.lr}], progress, on_step, "train scales")
+    finally:
         for p in params:
             p.requires_grad_(False)
+
+
+def train_qat(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *, weight_lr: float = 1e-5,
+              progress: bool = True) -> TrainReport:
+    """Full-weight QAT for the same steps, as the cost reference SASQ is measured against:
+    every parameter trains (weights through a per-step re-quantization with the straight-through
+    estimator, activation scales as in ``train_scales``). Changes the model's weights."""
+    if any(m.act_quant.mode != "fake" for _, m in quant_linears(model)):
+        raise ConfigError("quantizers are not in fake-quant mode: run calibrate() before train_qat()")
+    scales = scale_parameters(model)
+    ids = {id(p) for p in scales}
+    weights = [p for p in model.parameters() if id(p) not in ids]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for _, m in quant_linears(model):
+        m.live_weight = True
+    try:
+        groups = [{"params": scales, "lr": config.lr}, {"params": weights, "lr": weight_lr}]
+        return _train(model, windows, config, groups, progress, None, "full QAT")
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, m in quant_linears(model):
+            m.live_weight = False
+
+
+def _train(model: nn.Module, windows: torch.Tensor, config: QuantConfig, groups: list[dict], progress: bool,
+           on_step: StepCallback | None, desc: str) -> TrainReport:
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    report = TrainReport(0, 0, trainable, 0.0, 0.0)
+    if config.train_steps == 0:
         return report
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.Adam(params, lr=config.lr)
+    opt = torch.optim.Adam(groups)
+    base = [g["lr"] for g in opt.param_groups]
     was_training = model.training
     model.eval()  # no dropout: the loss sees the deployed computation
     start = time.perf_counter()
-    bar = tqdm(range(config.train_steps), desc="train scales", unit="step", disable=not progress)
+    bar = tqdm(range(config.train_steps), desc=desc, unit="step", disable=not progress)
     try:
-        for _ in bar:
+        for step in bar:
+            for g, lr in zip(opt.param_groups, base, strict=True):
+                g["lr"] = lr * lr_factor(config.lr_schedule, step, config.train_steps)
             idx = torch.randint(0, windows.shape[0], (config.batch_size,), generator=gen)
-            ids = windows[idx]  # (B, T)
+            ids = windows[idx].to(device)  # (B, T)
             loss = model(input_ids=ids, labels=ids).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -90,10 +147,12 @@ def train_scales(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *
             report.steps += 1
             report.tokens += ids.numel()
             bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(report.steps, model)
     finally:
-        for p in params:
-            p.requires_grad_(False)
         model.train(was_training)
     report.wall_s = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
+    if cuda:
+        report.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
     return report

@@ -1,0 +1,207 @@
+"""Per-channel activation factors folded into the preceding operation (SmoothQuant-style).
+
+For each group of linears that read one operation's output (``SmoothGroup`` in ``arch``), a
+factor ``s_j`` per input channel divides the activation and multiplies the weights' input
+column: ``(x / s) @ (W * s)^T == x @ W^T``. The division is folded into the preceding RMSNorm
+weight or the preceding linear's output rows, so the float model computes the same function
+and the deployed graph still has one static scale per activation tensor; only the channel
+ranges the per-tensor grid must cover become even. ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``
+(Xiao et al., SmoothQuant, ICML 2023, eq. 4).
+
+Row scaling of a preceding linear (``v_proj``, ``up_proj``) leaves its own per-output-channel
+weight quantization unchanged, since each row's scale absorbs the factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sasq_edge.arch import SmoothGroup, arch_spec
+from sasq_edge.errors import ConfigError
+
+_EPS = 1e-5
+
+
+def smooth_groups(model: nn.Module, targets: Iterable[str] | None = None) -> dict[str, SmoothGroup]:
+    """``{full name of the preceding op: group}`` for every block, in model order. With
+    ``targets`` (leaf names), only groups whose linears are all quantization targets."""
+    spec = arch_spec(model.config.model_type)
+    if not spec.smooth:
+        raise ConfigError(f"no smoothing groups are defined for {model.config.model_type!r}: drop smooth_alpha")
+    leaves = set(targets) if targets is not None else None
+    out = {}
+    for i in range(len(model.get_submodule(spec.blocks))):
+        for g in spec.smooth:
+            if leaves is None or all(name.rsplit(".", 1)[-1] in leaves for name in g.linears):
+                out[f"{spec.blocks}.{i}.{g.prev}"] = g
+    return out
+
+
+def _block(key: str, g: SmoothGroup) -> str:
+    return key[: -len(g.prev) - 1]
+
+
+def _heads(model: nn.Module) -> tuple[int, int, int]:
+    c = model.config
+    n_heads = c.num_attention_heads
+    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+    return n_heads, n_kv, head_dim
+
+
+def _per_kv_channel(model: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """Max over the query heads that share each key/value head: ``(H*D,)`` -> ``(KV*D,)``."""
+    n_heads, n_kv, d = _heads(model)
+    return v.view(n_kv, n_heads // n_kv, d).amax(dim=1).reshape(-1)
+
+
+def _expand_kv(model: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    n_heads, n_kv, d = _heads(model)
+    return s.view(n_kv, 1, d).expand(n_kv, n_heads // n_kv, d).reshape(-1)
+
+
+@torch.no_grad()
+def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: dict[str, SmoothGroup]) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` of each group's input over ``batches`` (float model)."""
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(key):
+        def fn(_m, args):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            stats[key] = torch.maximum(stats[key], x) if key in stats else x
+        return fn
+
+    try:
+        for key, g in groups.items():
+            first = model.get_submodule(f"{_block(key, g)}.{g.linears[0]}")
+            handles.append(first.register_forward_pre_hook(hook(key)))
+        device = next(model.parameters()).device
+        for ids in tqdm(list(batches), desc="smooth stats", unit="batch"):
+            model(input_ids=ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(groups) - set(stats))
+    if missing:
+        raise ConfigError(f"{missing[0]} never ran during calibration: cannot compute its smoothing factors")
+    return stats
+
+
+@torch.no_grad()
+def fold_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
+    """Fold ``factors`` (keyed by preceding op) into the float weights, in place: the
+    preceding op's output is divided by ``s``, the linears' input columns multiplied by it."""
+    spec = arch_spec(model.config.model_type)
+    groups = {f"{spec.blocks}.{i}.{g.prev}": g for i in range(len(model.get_submodule(spec.blocks))) for g in spec.smooth}
+    for key, s in factors.items():
+        if key not in groups:
+            raise ConfigError(f"smoothing factor for {key!r}, which is no smoothing point of this model: retrain the scales")
+        g = groups[key]
+        prev = model.get_submodule(key)
+        s = s.to(device=prev.weight.device, dtype=torch.float32)
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise ConfigError(f"smoothing factors of {key} must be positive and finite: retrain the scales")
+        if isinstance(prev, nn.Linear):
+            if prev.weight.shape[0] != s.numel():
+                raise ConfigError(f"{key} has {prev.weight.shape[0]} outputs, its smoothing factors {s.numel()}: retrain the scales")
+            prev.weight.div_(s[:, None].to(prev.weight.dtype))
+            if prev.bias is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        else:  # RMSNorm-like: output = normalized(x) * weight
+            if prev.weight.shape != s.shape:
+                raise ConfigError(f"{key} has {prev.weight.numel()} channels, its smoothing factors {s.numel()}: retrain the scales")
+            prev.weight.div_(s.to(prev.weight.dtype))
+        cols = _expand_kv(model, s) if g.heads else s
+        for name in g.linears:
+            lin = model.get_submodule(f"{_block(key, g)}.{name}")
+            lin.weight.mul_(cols[None, :].to(lin.weight.dtype))
+    model.sasq_smooth = {k: v.detach().float().cpu().clone() for k, v in factors.items()}
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, batches: Iterable[torch.Tensor], alpha: float,
+                 targets: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Compute SmoothQuant factors with migration strength ``alpha`` from the float model's
+    activations on ``batches`` and fold them in. Returns the factors (also kept as
+    ``model.sasq_smooth`` for the scale state)."""
+    if getattr(model, "sasq_smooth", None):
+        raise ConfigError("model is already smoothed: smooth a freshly loaded model")
+    groups = smooth_groups(model, targets)
+    stats = channel_absmax(model, list(batches), groups)
+    factors = {}
+    for key, g in groups.items():
+        block = _block(key, g)
+        w = torch.cat([model.get_submodule(f"{block}.{n}").weight.detach().float() for n in g.linears], dim=0)
+        w_max = w.abs().amax(dim=0)  # (K,) per input channel
+        a_max = stats[key]
+        if g.heads:
+            w_max, a_max = _per_kv_channel(model, w_max), _per_kv_channel(model, a_max)
+        s = a_max.clamp_min(_EPS).pow(alpha) / w_max.clamp_min(_EPS).pow(1.0 - alpha)
+        factors[key] = s.clamp_min(_EPS)
+    fold_factors(model, factors)
+    return model.sasq_smooth
+
+
+def attach_learnable(model: nn.Module) -> int:
+    """Give every smoothed group of a prepared model a learnable factor ``r`` (log-stored,
+    starting at 1) on top of its folded factors: each consumer divides its input by ``r`` and
+    multiplies its weight columns by it before quantizing both (weights stay frozen; the INT8
+    weight is re-quantized each pass). ``fold_learnable`` moves ``r`` into the weights.
+    Returns the number of factors."""
+    from sasq_edge.modules import QuantLinear
+
+    smoothed = getattr(model, "sasq_smooth", None)
+    if not smoothed:
+        raise ConfigError("learnable smoothing needs a smoothed model: set smooth_alpha")
+    groups = smooth_groups(model)
+    count = 0
+    for key in smoothed:
+        g = groups[key]
+        param = nn.Parameter(torch.zeros_like(smoothed[key], device=next(model.parameters()).device))
+        count += param.numel()
+        for name in g.linears:
+            lin = model.get_submodule(f"{_block(key, g)}.{name}")
+            if not isinstance(lin, QuantLinear):
+                raise ConfigError(f"{_block(key, g)}.{name} is not quantized: learnable smoothing needs every linear of the group")
+            lin.log_smooth = param
+            if g.heads:
+                n_heads, n_kv, d = _heads(model)
+                idx = torch.arange(n_kv * d, device=param.device).view(n_kv, 1, d).expand(n_kv, n_heads // n_kv, d)
+                lin.smooth_index = idx.reshape(-1)
+    return count
+
+
+@torch.no_grad()
+def fold_learnable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold the learned factors into the weights (preceding op divided, consumers multiplied),
+    re-quantize the affected INT8 weights, detach the factors; ``model.sasq_smooth`` becomes
+    the total factors, so the scale state holds them."""
+    from sasq_edge.modules import QuantLinear
+
+    groups = smooth_groups(model)
+    total = dict(model.sasq_smooth)
+    learned = {}
+    for key in total:
+        g = groups[key]
+        first = model.get_submodule(f"{_block(key, g)}.{g.linears[0]}")
+        if isinstance(first, QuantLinear) and first.log_smooth is not None:
+            learned[key] = first.log_smooth.detach().exp().float()
+    if not learned:
+        return total
+    model.sasq_smooth = {}
+    fold_factors(model, learned)  # records only the learned part; restored below
+    for key, r in learned.items():
+        total[key] = total[key] * r.cpu()
+        g = groups[key]
+        names = [*g.linears] + ([g.prev] if isinstance(model.get_submodule(key), QuantLinear) else [])
+        for name in names:
+            lin = model.get_submodule(f"{_block(key, g)}.{name}")
+            lin.log_smooth, lin.smooth_index = None, None
+            lin.refresh_weight()
+    model.sasq_smooth = total
+    return total
