@@ -74,32 +74,10 @@ def build_float(args, work: Path) -> None:
     export_onnx(lm.model, out / "model.onnx", tokenizer=lm.tokenizer)
 
 
-class _Reader:
-    """Calibration windows for ORT's quantize_static, fed as prefill calls with an empty cache."""
-
-    def __init__(self, model_path: Path, windows: np.ndarray) -> None:
-        import onnx
-
-        m = onnx.load(str(model_path), load_external_data=False)
-        past = [i for i in m.graph.input if i.name.startswith("past_key_values.")]
-        dims = [d.dim_value for d in past[0].type.tensor_type.shape.dim]
-        self.feeds = []
-        for w in windows:
-            ids = w[None].astype(np.int64)
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
-            feed.update({p.name: np.zeros((1, dims[1], 0, dims[3]), np.float32) for p in past})
-            self.feeds.append(feed)
-        self.it = iter(self.feeds)
-
-    def get_next(self):
-        return next(self.it, None)
-
-    def rewind(self):
-        self.it = iter(self.feeds)
-
-
 def build_ort_baselines(args, work: Path, calib: np.ndarray) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from exporters.ort_static import WindowReader
 
     src = work / "ort-fp32" / "model.onnx"
     for name, reduce_range in (("ort-dynamic", True), ("ort-dynamic-8bit", False)):
@@ -112,7 +90,7 @@ def build_ort_baselines(args, work: Path, calib: np.ndarray) -> None:
     if not _done(out):
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        quantize_static(str(src), str(out / "model.onnx"), _Reader(src, calib), quant_format=QuantFormat.QDQ,
+        quantize_static(str(src), str(out / "model.onnx"), WindowReader(src, calib), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile)
