@@ -133,6 +133,10 @@ def markdown(t: dict, ort: dict, onnx: dict, s: dict) -> str:
                   f"{onnx['threads']} threads). On the first {p['windows']} windows, PyTorch on the same CPU "
                   f"{p['ppl_torch']:.4f} vs ONNX Runtime {p['ppl_onnx']:.4f} (rel diff {p['rel_diff']:.1e}, top-1 agreement "
                   f"{p['top1_agreement']:.4f})."]
+        g = onnx.get("greedy_prefix_agreement_of_32")
+        if g:
+            lines += ["", "Greedy tokens of the export on ONNX Runtime (KV cache) vs PyTorch, equal before the first "
+                      "difference, out of 32: " + ", ".join(f"{n} ({p!r})" for p, n in g.items()) + "."]
     h = t.get("hist", {})
     if h:
         lines += ["", "## Outliers before and after (one validation window)", "",
@@ -211,12 +215,17 @@ def plots(t: dict, s: dict, out: Path) -> None:
             ax.legend(fontsize=7)
             ax = axes[i][1]
             for tag, col in (("before", "#d08c60"), ("after", "#3a9a5b")):
-                e, c = v[tag]["edges"], v[tag]["counts"]
-                centers = [(e[j] + e[j + 1]) / 2 for j in range(len(c))]
+                log_hist = "log10_counts" in v[tag]
+                e = v[tag]["log10_edges" if log_hist else "edges"]
+                c = v[tag]["log10_counts" if log_hist else "counts"]
+                centers = [10 ** ((e[j] + e[j + 1]) / 2) if log_hist else (e[j] + e[j + 1]) / 2 for j in range(len(c))]
                 ax.plot(centers, [max(x, 0.5) for x in c], color=col, lw=0.8,
                         label=f"{tag}: max {v[tag]['absmax']:.3g}")
+                if log_hist:
+                    ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_title(f"{name}: histogram (log counts)", fontsize=9)
+            ax.set_title(f"{name}: histogram of |x| (log-log)" if "log10_counts" in v["before"]
+                         else f"{name}: histogram (log counts)", fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "activations.png", dpi=100)

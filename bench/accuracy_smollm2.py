@@ -9,8 +9,12 @@ Stages (each writes a JSON under ``bench/results/accuracy_smollm2/``; ``report``
     python bench/accuracy_smollm2.py torch --device cuda --model DIR --data-dir DIR
     # ONNX Runtime quantize_static (MinMax / Percentile / Entropy), CPU
     python bench/accuracy_ort_static.py --float-onnx FLOAT/model.onnx
+    # activation histograms of the best state (recomputed on this machine; CPU is enough)
+    python bench/accuracy_smollm2.py hist
     # the best SASQ state exported and evaluated on ONNX Runtime CPU, next to PyTorch on CPU
     python bench/accuracy_smollm2.py onnx --state bench/results/accuracy_smollm2/best_state
+    # greedy tokens of that export vs its PyTorch twin (4 prompts x 32 tokens)
+    python bench/accuracy_smollm2.py greedy
     # table, plots
     python bench/accuracy_smollm2.py report
 
@@ -254,8 +258,11 @@ def histograms(lm, state, window: np.ndarray, device) -> dict:
                 amax = float(flat.abs().max())
                 edges = torch.linspace(-amax, amax, 201, device=flat.device)
                 counts = torch.histc(flat.flatten(), bins=200, min=-amax, max=amax)
+                mags = flat.abs().flatten().clamp_min(1e-6).log10()  # magnitudes, 1e-6 .. 1e4
+                log_counts = torch.histc(mags, bins=100, min=-6.0, max=4.0)
                 seen.setdefault(name, {})[tag] = {
                     "absmax": amax, "clip": clip, "edges": edges.cpu().tolist(), "counts": counts.cpu().tolist(),
+                    "log10_edges": torch.linspace(-6.0, 4.0, 101).tolist(), "log10_counts": log_counts.cpu().tolist(),
                     "channel_absmax": flat.abs().amax(dim=0).cpu().tolist(),
                     "p99_9": float(flat.abs().flatten().float().quantile(0.999)) if flat.numel() < 16_000_000 else None,
                 }
@@ -272,6 +279,24 @@ def histograms(lm, state, window: np.ndarray, device) -> dict:
     state.apply(lm_a.model)
     record("after", lm_a.model)
     return seen
+
+
+def hist_stage(args) -> None:
+    """Recompute the activation histograms of the best state on this machine (CPU is enough)."""
+    import torch
+
+    from sasq_edge.models import load_model
+    from sasq_edge.state import ScaleState
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.out_dir) / "torch.json"
+    res = json.loads(path.read_text())
+    lm = load_model(args.model)
+    _, _, select = windows_for(lm.tokenizer, args.data_dir, args.seq_len, args.select_windows, 1)
+    res["hist"] = histograms(lm, ScaleState.load(args.state), select[0], torch.device("cpu"))
+    res["hist_variant"] = res["best_variant"]
+    res["hist_machine"] = platform.processor() or platform.machine()
+    _write(path, res)
 
 
 # --- onnx stage --------------------------------------------------------------------------------
@@ -316,12 +341,45 @@ def onnx_stage(args) -> None:
           f"PyTorch {parity.ppl_torch:.4f} vs ORT {parity.ppl_onnx:.4f}, top-1 agreement {parity.top1_agreement:.4f}")
 
 
+def greedy_stage(args) -> None:
+    """Greedy tokens (32, four prompts) of the exported best model on ONNX Runtime vs its
+    PyTorch twin: how many agree before the first difference. Adds ``greedy`` to onnx.json."""
+    import sys
+
+    import torch
+
+    from runtime import open_session
+    from runtime.generate import Sampling, generate
+    from sasq_edge.evaluate import greedy_tokens
+    from sasq_edge.models import load_model
+    from sasq_edge.state import ScaleState
+
+    sys.path.insert(0, str(HERE))
+    from deploy_smollm2 import PROMPTS
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.out_dir) / "onnx.json"
+    res = json.loads(path.read_text())
+    lm = load_model(args.model)
+    ScaleState.load(args.state).with_profile(args.profile).apply(lm.model)
+    sess = open_session(Path(args.work) / f"best-{args.profile}" / "model.onnx", ["cpu"], args.threads)
+    agree = {}
+    for prompt in PROMPTS:
+        ids = lm.tokenizer(prompt)["input_ids"]
+        a = greedy_tokens(lm.model, ids, 32)
+        b, _ = generate(sess, ids, Sampling(max_new_tokens=32))
+        agree[prompt] = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    res["greedy_prefix_agreement_of_32"] = agree
+    _write(path, res)
+    print(f"greedy agreement: {agree}", flush=True)
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=("torch", "onnx", "report"))
+    p.add_argument("stage", choices=("torch", "hist", "onnx", "greedy", "report"))
     p.add_argument("--model", default=str(Path.home() / ".cache/sasq-assets/smollm2-135m-instruct"))
     p.add_argument("--data-dir", default=os.environ.get("SASQ_DATA_DIR", "../shared/assets/wikitext2"))
     p.add_argument("--device", default="cpu")
@@ -347,8 +405,12 @@ def main() -> None:
     args = p.parse_args()
     if args.stage == "torch":
         torch_stage(args)
+    elif args.stage == "hist":
+        hist_stage(args)
     elif args.stage == "onnx":
         onnx_stage(args)
+    elif args.stage == "greedy":
+        greedy_stage(args)
     else:
         import sys
 
