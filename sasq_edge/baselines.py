@@ -75,7 +75,8 @@ def fp16_supported(device: torch.device) -> tuple[bool, str]:
 
 def build_method(model: nn.Module, method: str, config: QuantConfig, calib: np.ndarray,
                  select: np.ndarray | None = None) -> tuple[nn.Module, dict]:
-    """A copy of the float ``model`` quantized (or cast) as ``method`` says, and what was chosen.
+    """A copy of the float ``model`` quantized (or cast) as ``method`` says, and what was chosen
+    (``fp32`` returns ``model`` itself; ``model`` is never changed).
 
     ``calib``: calibration windows (validation text); ``select``: validation windows that pick
     SmoothQuant's alpha when ``config.smooth_alpha`` is None.
