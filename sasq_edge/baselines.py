@@ -32,7 +32,7 @@ from sasq_edge.modules import prepare
 from sasq_edge.smooth import smooth_model
 
 METHODS = ("fp32", "fp16", "naive", "percentile", "mse", "smoothquant", "dynamic")
-ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 def _batches(windows: np.ndarray) -> list[torch.Tensor]:

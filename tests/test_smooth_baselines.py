@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sasq_edge.baselines import METHODS, build_method, quantize_ptq, search_smooth_alpha
+from sasq_edge.baselines import ALPHAS, METHODS, build_method, quantize_ptq, search_smooth_alpha
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError, StateError
 from sasq_edge.evaluate import perplexity
@@ -326,7 +326,7 @@ def test_cli_baseline_json(data_dir, capsys):
                         "--calib-batches", "2", "--max-windows", "2", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["method"] == "smoothquant" and out["alpha"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert out["method"] == "smoothquant" and out["alpha"] in ALPHAS and len(out["alpha_search"]) == len(ALPHAS)
     assert out["windows"] == 2 and math.isfinite(out["ppl"])
 
 
@@ -354,6 +354,6 @@ def test_cli_train_smooth_auto_learn(data_dir, tmp_path, capsys):
     assert rc == 0
     recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert recipe["config"]["smooth_learn"] and recipe["config"]["lr_schedule"] == "cosine"
-    assert recipe["config"]["smooth_alpha"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert recipe["config"]["smooth_alpha"] in ALPHAS
     assert len(recipe["smooth"]) == 8
     assert "smooth alpha auto ->" in capsys.readouterr().err
