@@ -192,8 +192,12 @@ def _train(argv: list[str] | None) -> int:
     state, report = _run_sasq(lm, args, config)
     state.save(args.run_dir)
     result = {"run_dir": str(args.run_dir), "profile": config.profile, "modules": len(state.scales), **report.summary()}
-    _emit(args, f"trained {len(state.scales)} activation scales in {report.steps} steps "
-          f"({report.tokens} tokens, {report.wall_s:.1f} s) -> {args.run_dir}", result)
+    factors = sum(v.numel() for v in state.smooth.values())
+    what = f"{len(state.scales)} activation scales"
+    if factors:
+        what += f" and {factors} smoothing factors" if state.config.smooth_learn else f" ({factors} smoothing factors folded)"
+    _emit(args, f"trained {what} in {report.steps} steps ({report.tokens} tokens, {report.wall_s:.1f} s) -> {args.run_dir}",
+          {**result, "smoothing_factors": factors, "smooth_alpha": state.config.smooth_alpha})
     return 0
 
 
