@@ -70,6 +70,7 @@ def torch_stage(args) -> None:
 
     from sasq_edge.baselines import build_method, fp16_supported
     from sasq_edge.config import QuantConfig
+    from sasq_edge.data import sample_windows
     from sasq_edge.evaluate import perplexity
     from sasq_edge.models import load_model
     from sasq_edge.pipeline import run_sasq
@@ -96,7 +97,10 @@ def torch_stage(args) -> None:
     })
     base = QuantConfig(calibration="mse", calib_batches=args.calib_batches, train_steps=0, seq_len=args.seq_len,
                        batch_size=args.batch_size, lr=args.lr)
-    calib = train[np.sort(np.random.default_rng(base.seed).permutation(train.shape[0])[: base.calib_batches])]
+    calib = sample_windows(train, base.calib_batches, base.seed)  # the windows run_sasq calibrates on
+
+    def state_dir(variant: str) -> Path:
+        return Path(args.states_dir or out / "states") / variant.replace(" ", "_").replace("+", "_")
 
     def left() -> float:
         return args.deadline_s - (time.perf_counter() - t_start)
@@ -111,9 +115,7 @@ def torch_stage(args) -> None:
         res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         _write(path, res)
 
-    def free(*models) -> None:
-        for m in models:
-            del m
+    def free() -> None:  # after the caller dropped its last reference to a model copy
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -131,8 +133,8 @@ def torch_stage(args) -> None:
         build_s = time.perf_counter() - t0
         res["rows"][method] = {**info, **evaluate(model), "build_s": round(build_s, 1)}
         print(f"{method}: {res['rows'][method]['ppl']:.3f} (valid {res['rows'][method]['valid_ppl']:.3f})", flush=True)
-        if model is not lm.model:
-            free(model)
+        del model
+        free()
         save()
 
     alpha = res["rows"].get("smoothquant", {}).get("alpha", 0.5)
@@ -166,10 +168,9 @@ def torch_stage(args) -> None:
         lm_v = load_copy(lm)
         curve: list[dict] = []
 
-        def on_step(step, model, curve=curve, cfg=cfg, name=name):
+        def on_step(step, model, curve=curve, name=name):
             if name == curve_variant and (step in (10, 25, 50) or step % args.curve_every == 0):
-                with_mode = perplexity(model, test, progress=False).ppl
-                curve.append({"step": step, "ppl": with_mode})
+                curve.append({"step": step, "ppl": perplexity(model, test, progress=False).ppl})
 
         t0 = time.perf_counter()
         if name == curve_variant:
@@ -178,7 +179,8 @@ def torch_stage(args) -> None:
 
             quantize_ptq(calib_model.model, dataclasses.replace(cfg, train_steps=0), calib)
             curve.append({"step": 0, "ppl": perplexity(calib_model.model, test, progress=False).ppl})
-            free(calib_model.model)
+            del calib_model
+            free()
         state, report = run_sasq(lm_v, cfg, windows=train, progress=False, on_step=on_step)
         row = {"config": cfg.to_dict(), "training": report.summary(), "losses": report.losses,
                **evaluate(lm_v.model), "total_s": round(time.perf_counter() - t0, 1)}
@@ -186,16 +188,16 @@ def torch_stage(args) -> None:
             row["curve"] = curve
         res["variants"][name] = row
         print(f"SASQ {name}: {row['ppl']:.3f} (valid {row['valid_ppl']:.3f}), {report.wall_s:.0f} s", flush=True)
-        state_dir = Path(args.states_dir or out / "states") / name.replace(" ", "_").replace("+", "_")
-        state.save(state_dir)
-        free(lm_v.model)
+        state.save(state_dir(name))
+        del lm_v
+        free()
         save()
 
     trained = {n: v for n, v in res["variants"].items() if "valid_ppl" in v}
     if trained:
         best = min(trained, key=lambda n: trained[n]["valid_ppl"])
         res["best_variant"] = best
-        src = Path(args.states_dir or out / "states") / best.replace(" ", "_").replace("+", "_")
+        src = state_dir(best)
         dst = out / "best_state"
         dst.mkdir(parents=True, exist_ok=True)
         for f in src.iterdir():
@@ -212,7 +214,8 @@ def torch_stage(args) -> None:
         report = train_qat(lm_q.model, torch.from_numpy(train), cfg, progress=False)
         res["qat"] = {"config": cfg.to_dict(), "weight_lr": 1e-5, "training": report.summary(), **evaluate(lm_q.model)}
         print(f"full QAT: {res['qat']['ppl']:.3f}, {report.wall_s:.0f} s", flush=True)
-        free(lm_q.model)
+        del lm_q
+        free()
         save()
 
     # 4. activation histograms before / after (best state)

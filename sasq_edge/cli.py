@@ -115,31 +115,41 @@ def _smooth_alpha(value: str | None) -> float | None:
         raise SasqError(f"--smooth-alpha {value!r} must be a number in [0, 1] or auto") from None
 
 
+def _device(args: argparse.Namespace):
+    """``--device`` as a torch device that exists here (one-line error otherwise)."""
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise SasqError(f"--device {args.device!r}: {e}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SasqError("--device cuda, but torch sees no CUDA GPU: use --device cpu")
+    return device
+
+
+def _hold_out(windows, config: QuantConfig):
+    """(training windows, the last SELECT_WINDOWS held out to pick SmoothQuant's alpha)."""
+    if windows.shape[0] <= SELECT_WINDOWS:
+        raise SasqError(f"the alpha search holds out {SELECT_WINDOWS} validation windows, the text has only "
+                        f"{windows.shape[0]} of {config.seq_len} tokens: pass --smooth-alpha A or a shorter --seq-len")
+    return windows[:-SELECT_WINDOWS], windows[-SELECT_WINDOWS:]
+
+
 def _run_sasq(lm, args: argparse.Namespace, config: QuantConfig):
     """run_sasq on ``args.device``; with ``--smooth-alpha auto`` the last validation windows are
     held out of training and pick SmoothQuant's alpha first."""
     import dataclasses
 
-    import torch
-
     from sasq_edge.pipeline import run_sasq, training_windows
 
-    try:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SasqError("--device cuda, but torch sees no CUDA GPU: use --device cpu")
-    except RuntimeError as e:
-        raise SasqError(f"--device {args.device!r}: {e}; use cpu or cuda") from None
-    lm.model.to(device)
+    lm.model.to(_device(args))
     windows = training_windows(lm, config, args.data_dir)
     if args.smooth_alpha == "auto":
         from sasq_edge.baselines import search_smooth_alpha
         from sasq_edge.data import sample_windows
 
-        if windows.shape[0] <= SELECT_WINDOWS:
-            raise SasqError(f"--smooth-alpha auto holds out {SELECT_WINDOWS} validation windows, the text has only "
-                            f"{windows.shape[0]} of {config.seq_len} tokens: pass a number or a shorter --seq-len")
-        windows, select = windows[:-SELECT_WINDOWS], windows[-SELECT_WINDOWS:]
+        windows, select = _hold_out(windows, config)
         calib = sample_windows(windows, config.calib_batches, config.seed)
         alpha, tried = search_smooth_alpha(lm.model, dataclasses.replace(config, train_steps=0, smooth_learn=False),
                                            calib, select)
@@ -483,8 +493,6 @@ def _baseline(argv: list[str] | None) -> int:
         raise SasqError(f"{args.method} needs --model (hub id, folder, .gguf or tiny-random-llama)")
     import dataclasses
 
-    import torch
-
     from sasq_edge.baselines import build_method
     from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
     from sasq_edge.evaluate import perplexity
@@ -494,17 +502,13 @@ def _baseline(argv: list[str] | None) -> int:
     config = dataclasses.replace(_config(args), train_steps=0, smooth_learn=False)
     if args.smooth_alpha == "auto":
         config = dataclasses.replace(config, smooth_alpha=None)
+    device = _device(args)
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    if args.device != "cpu" and not torch.cuda.is_available():
-        raise SasqError(f"--device {args.device}, but torch sees no CUDA GPU: use --device cpu")
-    lm.model.to(args.device)
+    lm.model.to(device)
     windows = training_windows(lm, config, args.data_dir)
     select = None
     if args.method == "smoothquant" and config.smooth_alpha is None:
-        if windows.shape[0] <= SELECT_WINDOWS:
-            raise SasqError(f"the alpha search holds out {SELECT_WINDOWS} validation windows, the text has only "
-                            f"{windows.shape[0]}: pass --smooth-alpha or a shorter --seq-len")
-        windows, select = windows[:-SELECT_WINDOWS], windows[-SELECT_WINDOWS:]
+        windows, select = _hold_out(windows, config)
     calib = sample_windows(windows, config.calib_batches, config.seed)
     model, info = build_method(lm.model, args.method, config, calib, select)
     test = make_windows(tokenize(load_text("test", args.data_dir), lm.tokenizer), config.seq_len, args.max_windows)

@@ -96,8 +96,7 @@ def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: di
 def fold_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
     """Fold ``factors`` (keyed by preceding op) into the float weights, in place: the
     preceding op's output is divided by ``s``, the linears' input columns multiplied by it."""
-    spec = arch_spec(model.config.model_type)
-    groups = {f"{spec.blocks}.{i}.{g.prev}": g for i in range(len(model.get_submodule(spec.blocks))) for g in spec.smooth}
+    groups = smooth_groups(model)
     for key, s in factors.items():
         if key not in groups:
             raise ConfigError(f"smoothing factor for {key!r}, which is no smoothing point of this model: retrain the scales")

@@ -7,13 +7,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from sasq_edge.baselines import build_method
 from sasq_edge.config import QuantConfig
-from sasq_edge.data import load_text, make_windows, tokenize
+from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
 from sasq_edge.evaluate import perplexity
 from sasq_edge.models import load_model
 from sasq_edge.smooth import smooth_model
@@ -74,7 +73,7 @@ def test_committed_best_state_beats_the_static_baselines(lm, valid):
     state.apply(sasq)
     ppl_sasq = perplexity(sasq, test, progress=False).ppl
     ppl_fp32 = perplexity(lm.model, test, progress=False).ppl
-    calib = valid[np.sort(np.random.default_rng(0).permutation(valid.shape[0])[:4])]
+    calib = sample_windows(valid, 4, 0)
     cfg = QuantConfig(seq_len=256, calib_batches=4)
     naive, _ = build_method(lm.model, "naive", cfg, calib)
     ppl_naive = perplexity(naive, test, progress=False).ppl
