@@ -20,8 +20,8 @@ from pathlib import Path
 
 from exporters.ort_static import CALIBRATORS, quantize_static_baseline
 from runtime import open_session
+from runtime.data import load_text, make_windows, sample_windows, tokenize
 from runtime.perplexity import perplexity
-from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "accuracy_smollm2" / "ort_static.json"

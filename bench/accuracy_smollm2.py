@@ -48,7 +48,7 @@ HIST_LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.11.mlp.down_proj
 def windows_for(tokenizer, data_dir: str, seq_len: int, select: int, max_windows: int | None):
     """(test, train, select): test windows; validation windows for training and calibration;
     the last ``select`` validation windows, held out from training, for every choice."""
-    from sasq_edge.data import load_text, make_windows, tokenize
+    from runtime.data import load_text, make_windows, tokenize
 
     test = make_windows(tokenize(load_text("test", data_dir), tokenizer), seq_len, max_windows)
     valid = make_windows(tokenize(load_text("validation", data_dir), tokenizer), seq_len)
@@ -68,14 +68,13 @@ def _write(path: Path, obj: dict) -> None:
 def torch_stage(args) -> None:
     import torch
 
-    from sasq_edge.baselines import build_method, fp16_supported
+    from runtime.data import sample_windows
+    from runtime.state import ScaleState
+    from sasq_edge.baselines import build_method, fp16_supported, train_qat
     from sasq_edge.config import QuantConfig
-    from sasq_edge.data import sample_windows
     from sasq_edge.evaluate import perplexity
     from sasq_edge.models import load_model
     from sasq_edge.pipeline import run_sasq
-    from sasq_edge.state import ScaleState
-    from sasq_edge.train import train_qat
 
     t_start = time.perf_counter()
     out = Path(args.out_dir)
@@ -175,13 +174,14 @@ def torch_stage(args) -> None:
         t0 = time.perf_counter()
         if name == curve_variant:
             calib_model = load_copy(lm)
-            from sasq_edge.baselines import quantize_ptq
+            from sasq_edge.pipeline import quantize_ptq
 
             quantize_ptq(calib_model.model, dataclasses.replace(cfg, train_steps=0), calib)
             curve.append({"step": 0, "ppl": perplexity(calib_model.model, test, progress=False).ppl})
             del calib_model
             free()
-        state, report = run_sasq(lm_v, cfg, windows=train, progress=False, on_step=on_step)
+        result = run_sasq(lm_v, cfg, windows=train, progress=False, on_step=on_step)
+        state, report = result.state, result.report
         row = {"config": cfg.to_dict(), "training": report.summary(), "losses": report.losses,
                **evaluate(lm_v.model), "total_s": round(time.perf_counter() - t0, 1)}
         if curve:
@@ -208,7 +208,7 @@ def torch_stage(args) -> None:
     if "qat" not in res and left() > steps * args.step_s_guess * 3 + 60 and trained:
         cfg = dataclasses.replace(base, calibration=init, train_steps=steps)
         lm_q = load_copy(lm)
-        from sasq_edge.baselines import quantize_ptq
+        from sasq_edge.pipeline import quantize_ptq
 
         quantize_ptq(lm_q.model, cfg, calib)
         report = train_qat(lm_q.model, torch.from_numpy(train), cfg, progress=False)
@@ -240,6 +240,7 @@ def histograms(lm, state, window: np.ndarray, device) -> dict:
     import torch
 
     from sasq_edge.modules import QuantLinear
+    from sasq_edge.state import apply_state
 
     seen: dict[str, dict] = {}
     present = {n for n, _ in lm.model.named_modules()}
@@ -279,7 +280,7 @@ def histograms(lm, state, window: np.ndarray, device) -> dict:
 
     record("before", lm.model)
     lm_a = load_copy(lm)
-    state.apply(lm_a.model)
+    apply_state(lm_a.model, state)
     record("after", lm_a.model)
     return seen
 
@@ -288,8 +289,8 @@ def hist_stage(args) -> None:
     """Recompute the activation histograms of the best state on this machine (CPU is enough)."""
     import torch
 
+    from runtime.state import ScaleState
     from sasq_edge.models import load_model
-    from sasq_edge.state import ScaleState
 
     torch.set_num_threads(args.threads)
     path = Path(args.out_dir) / "torch.json"
@@ -315,14 +316,15 @@ def onnx_stage(args) -> None:
     from runtime.parity import compare
     from runtime.perplexity import iter_logits as onnx_logits
     from runtime.perplexity import perplexity as onnx_perplexity
+    from runtime.state import ScaleState
     from sasq_edge.evaluate import iter_logits
     from sasq_edge.models import load_model
-    from sasq_edge.state import ScaleState
+    from sasq_edge.state import apply_state
 
     torch.set_num_threads(args.threads)
     state = ScaleState.load(args.state).with_profile(args.profile)
     lm = load_model(args.model)
-    state.apply(lm.model)
+    apply_state(lm.model, state)
     test, _, _ = windows_for(lm.tokenizer, args.data_dir, args.seq_len, args.select_windows, args.max_windows)
     dst = Path(args.work) / f"best-{args.profile}" / "model.onnx"
     t0 = time.perf_counter()
@@ -353,9 +355,10 @@ def greedy_stage(args) -> None:
 
     from runtime import open_session
     from runtime.generate import Sampling, generate
+    from runtime.state import ScaleState
     from sasq_edge.evaluate import greedy_tokens
     from sasq_edge.models import load_model
-    from sasq_edge.state import ScaleState
+    from sasq_edge.state import apply_state
 
     sys.path.insert(0, str(HERE))
     from deploy_smollm2 import PROMPTS
@@ -364,7 +367,7 @@ def greedy_stage(args) -> None:
     path = Path(args.out_dir) / "onnx.json"
     res = json.loads(path.read_text())
     lm = load_model(args.model)
-    ScaleState.load(args.state).with_profile(args.profile).apply(lm.model)
+    apply_state(lm.model, ScaleState.load(args.state).with_profile(args.profile))
     sess = open_session(Path(args.work) / f"best-{args.profile}" / "model.onnx", ["cpu"], args.threads)
     agree = {}
     for prompt in PROMPTS:

@@ -98,16 +98,16 @@ def build_ort_baselines(args, work: Path, calib: np.ndarray) -> None:
 
 
 def build_ours(args, work: Path) -> None:
-    import dataclasses
 
     import torch
 
     from exporters import export_onnx
+    from runtime.state import ScaleState
     from sasq_edge.config import QuantConfig
     from sasq_edge.evaluate import perplexity
     from sasq_edge.models import load_model
     from sasq_edge.pipeline import run_sasq
-    from sasq_edge.state import ScaleState
+    from sasq_edge.state import apply_state
 
     torch.set_num_threads(args.threads)
     test = None
@@ -118,12 +118,14 @@ def build_ours(args, work: Path) -> None:
         lm = load_model(args.model)
         if isinstance(how, str):  # re-encode another row's trained scales
             state = ScaleState.load(work / how.removeprefix("from:")).with_profile(profile)
-            state.apply(lm.model)
+            apply_state(lm.model, state)
             train_info = {"from": how.removeprefix("from:")}
         else:
             cfg = QuantConfig(profile=profile, calibration="mse", calib_batches=args.calib_batches, train_steps=args.train_steps,
                               lr=args.lr, seq_len=args.seq_len, **how)
-            state, report = run_sasq(lm, cfg, args.data_dir)
+            result = run_sasq(lm, cfg, args.data_dir)
+
+            state, report = result.state, result.report
             train_info = report.summary()
         if test is None:
             test = _test_windows(args, lm.tokenizer)
@@ -131,12 +133,12 @@ def build_ours(args, work: Path) -> None:
         t0 = time.perf_counter()
         export_onnx(lm.model, out / "model.onnx", state=state, tokenizer=lm.tokenizer)
         info = {"training": train_info, "export_s": time.perf_counter() - t0, "torch_twin_ppl": twin.ppl,
-                "config": dataclasses.asdict(state.config) | {"targets": None}}
+                "config": state.method}
         (out / "build.json").write_text(json.dumps(info, indent=2))
 
 
 def _test_windows(args, tokenizer) -> np.ndarray:
-    from sasq_edge.data import load_text, make_windows, tokenize
+    from runtime.data import load_text, make_windows, tokenize
 
     return make_windows(tokenize(load_text("test", args.data_dir), tokenizer), args.seq_len, args.max_windows)
 
@@ -302,9 +304,10 @@ def greedy_agreement(args, work: Path, names: list[str]) -> dict:
 
     from runtime import open_session
     from runtime.generate import Sampling, generate
+    from runtime.state import ScaleState
     from sasq_edge.evaluate import greedy_tokens
     from sasq_edge.models import load_model
-    from sasq_edge.state import ScaleState
+    from sasq_edge.state import apply_state
 
     torch.set_num_threads(args.threads)
     out = {}
@@ -312,7 +315,7 @@ def greedy_agreement(args, work: Path, names: list[str]) -> dict:
         if not name.startswith("sasq-"):
             continue
         lm = load_model(args.model)
-        ScaleState.load(work / name).apply(lm.model)
+        apply_state(lm.model, ScaleState.load(work / name))
         sess = open_session(work / name / "model.onnx", ["cpu"], args.threads)
         out[name] = {}
         for prompt in PROMPTS:
@@ -452,7 +455,7 @@ def main() -> None:
         print(markdown(result))
         return
     if not args.only_measure:
-        from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
+        from runtime.data import load_text, make_windows, sample_windows, tokenize
         from sasq_edge.models import load_model
 
         build_float(args, work)

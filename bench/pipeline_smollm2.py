@@ -27,16 +27,16 @@ import torch
 import sasq_edge
 from exporters import export_onnx
 from runtime import open_session
+from runtime.data import load_text, make_windows, sample_windows, tokenize
 from runtime.parity import compare
 from runtime.perplexity import iter_logits as onnx_logits
 from sasq_edge.calibrate import calibrate
 from sasq_edge.config import QuantConfig
-from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
 from sasq_edge.evaluate import iter_logits, perplexity
 from sasq_edge.models import load_model
 from sasq_edge.modules import prepare
 from sasq_edge.pipeline import training_windows
-from sasq_edge.state import ScaleState
+from sasq_edge.state import state_from_model
 from sasq_edge.train import train_scales
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,7 +83,7 @@ def main() -> None:
     row(f"static PTQ W8A8 ({cfg.calibration} init, no training), PyTorch fake-quant", perplexity(model, test).ppl)
 
     report = train_scales(model, torch.from_numpy(train), cfg)
-    state = ScaleState.from_model(model, cfg, lm.source, report.summary())
+    state = state_from_model(model, cfg, lm.source, training=report.summary())
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = export_onnx(model, Path(tmp) / "model.onnx", state=state, tokenizer=lm.tokenizer)

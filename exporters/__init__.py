@@ -1,5 +1,9 @@
-"""ONNX export of SASQ-quantized models: the dynamo export, graph post-passes, lint."""
+"""Lowering a model and its ``ScaleState`` into ONNX, and the graph passes that shape the file.
 
-from exporters.onnx_export import ExportError, ExportResult, export_onnx
+Imports torch, onnx and ``runtime``; never the method (``sasq_edge``) or the command line.
+"""
+
+from exporters.lowering import ExportError
+from exporters.onnx_export import ExportResult, export_onnx
 
 __all__ = ["ExportError", "ExportResult", "export_onnx"]

@@ -1,10 +1,11 @@
-"""Export a (prepared, calibrated) causal LM to a QDQ ONNX folder with the dynamo exporter.
+"""Export a causal LM to a QDQ ONNX folder with the dynamo exporter: a lowering step.
 
-With the quantizers in ``export`` mode, ``torch.onnx.export(..., dynamo=True)`` turns each
-activation quantizer into ``QuantizeLinear -> DequantizeLinear`` with constant scales and each
-weight into an INT8 initializer feeding ``DequantizeLinear``; post-passes then pre-transpose the
-weights and record the deploy profile in ``metadata_props``. A model without quantizers exports
-as a plain float graph (the FP32 reference).
+``export_onnx(model, out, state=...)`` swaps each layer the ``ScaleState`` quantizes for its
+lowering module (``exporters.lowering``: constant activation scales from the state, INT8 weights
+from the model's frozen float weights), traces with ``torch.onnx.export(..., dynamo=True)``, puts
+the caller's modules back, then runs the graph passes: INT8 weights pre-transposed to ``[K, N]``,
+weight initializers named by ``runtime.graph.weight_name``, the deploy profile recorded in
+``metadata_props``. Without a state the float model exports as it is (the FP32 reference).
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ import onnx
 import torch
 from torch import nn
 
-import sasq_edge
-from exporters.passes import META_VERSION, deploy_metadata, op_counts, pretranspose_int8_weights, set_metadata
-from sasq_edge.errors import SasqError
-from sasq_edge.io import atomic_path
-from sasq_edge.modules import quant_linears, quant_mode
-from sasq_edge.state import ScaleState
+from exporters.lowering import ExportError, lowered
+from exporters.passes import op_counts, pretranspose_int8_weights, rename_initializers, set_metadata
+from runtime.graph import WEIGHT_SUFFIX, GraphIndex, cache_names, weight_name, weight_scale_name
+from runtime.io import atomic_path
+from runtime.layout import AttentionLayout
+from runtime.metadata import META_VERSION, deploy_metadata
+from runtime.state import ScaleState
+from runtime.version import __version__
 
 OPSET = 21
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
-
-
-class ExportError(SasqError):
-    """The model cannot be exported as asked."""
+_WRAPPED = "model"  # attribute under which the wrappers below hold the model: the traced names' prefix
 
 
 @dataclass
@@ -88,28 +88,6 @@ class _WithCache(nn.Module):
         return (out.logits, *present)
 
 
-@dataclass(frozen=True)
-class CacheLayout:
-    """Shape facts of the KV cache, read from the model config (the runtime reads them back from
-    the graph's input shapes)."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, config) -> CacheLayout:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim)
-
-    def names(self) -> tuple[list[str], list[str]]:
-        past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-        present = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-        return past, present
-
-
 def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
@@ -121,8 +99,8 @@ def _export_args(model: nn.Module, kv_cache: bool):
     if not kv_cache:
         dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
         return _LogitsOnly(model), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], ["logits"], dyn
-    layout = CacheLayout.of(model.config)
-    past_names, present_names = layout.names()
+    layout = AttentionLayout.of(model.config)
+    past_names, present_names = cache_names(layout.layers)
     past_len = 3
     mask = torch.ones(2, past_len + ids.shape[1], dtype=torch.long)
     pos = torch.arange(past_len, past_len + ids.shape[1])[None].expand(2, -1).contiguous()
@@ -139,28 +117,59 @@ def _export_args(model: nn.Module, kv_cache: bool):
     return _WithCache(model), (ids, mask, pos, *past), names, ["logits", *present_names], dyn
 
 
+def _quantized_names(proto: onnx.ModelProto, state: ScaleState) -> dict[str, str]:
+    """Traced initializer name -> the name readers look up (``runtime.graph``), for every quantized
+    weight and, when no other node shares it, its per-channel scale."""
+    g = GraphIndex(proto)
+    dq_of = g.quantized_weights()
+    out = {}
+    for layer in state.scales:
+        traced = f"{_WRAPPED}.{layer}{WEIGHT_SUFFIX}"
+        if traced not in dq_of:
+            raise ExportError(f"the traced graph has no INT8 weight for {layer} (looked for {traced!r}): "
+                              "this model's layers did not lower as expected")
+        out[traced] = weight_name(layer)
+        scale = g.nodes[dq_of[traced]].input[1]
+        if scale in g.initializers and g.uses(scale) == 1:
+            out[scale] = weight_scale_name(layer)
+    return out
+
+
+def _has_custom_linears(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in model.modules())
+
+
 def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int = OPSET, kv_cache: bool = True) -> onnx.ModelProto:
-    """Trace ``model`` (quantizers in export mode, if any) into an ONNX ``ModelProto``; with
-    ``state``, the graph's scale constants are exactly the state's values."""
+    """Trace ``model`` into an ONNX ``ModelProto``: lowered by ``state`` when given (QDQ with the
+    state's scales), else as a float graph. ``model`` is left as it was, training flag included."""
+    if state is None and _has_custom_linears(model):
+        raise ExportError("the model holds quantized layers: pass its ScaleState to export it quantized, or export a "
+                          "freshly loaded model for the float reference")
     module, example, input_names, output_names, dyn = _export_args(model, kv_cache)
-    with quant_mode(model, "export"), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if state is not None:
-            for name, m in quant_linears(model):
-                m.act_quant.freeze(state.scales[name], state.truncation.get(name))
-        # the exporter narrates each stage on stdout; keep stdout for our summary and JSON line
-        with contextlib.redirect_stdout(io.StringIO()):
-            program = torch.onnx.export(
-                module.eval(),
-                example,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_shapes=dyn,
-                opset_version=opset,
-                dynamo=True,
-                verbose=False,
-            )
-    return program.model_proto
+    was_training = model.training
+    lowering = lowered(model, state) if state is not None else contextlib.nullcontext()
+    try:
+        with lowering, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # the exporter narrates each stage on stdout; keep stdout for our summary and JSON line
+            with contextlib.redirect_stdout(io.StringIO()):
+                program = torch.onnx.export(
+                    module.eval(),
+                    example,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_shapes=dyn,
+                    opset_version=opset,
+                    dynamo=True,
+                    verbose=False,
+                )
+    finally:
+        model.train(was_training)
+    proto = program.model_proto
+    if state is not None:
+        proto = pretranspose_int8_weights(proto)
+        proto = rename_initializers(proto, _quantized_names(proto, state))
+    return proto
 
 
 def export_onnx(
@@ -174,27 +183,20 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``out_path`` (``.../model.onnx``) and, beside it, ``config.json``, the tokenizer files
     and (for a quantized model) the scale state, so the folder alone can be evaluated and
-    validated. ``state`` must be the state the model's scales came from; it decides the profile.
-    With ``kv_cache`` (the default) the graph takes and returns the KV cache (``_WithCache``),
-    otherwise it maps ``(input_ids, attention_mask)`` to logits only.
-    The ``.onnx`` file is written last and atomically.
+    validated. ``state`` decides what is quantized and how (profile, scales); ``model`` holds
+    the float weights it was trained with and is not changed. With ``kv_cache`` (the default) the
+    graph takes and returns the KV cache (``_WithCache``), otherwise it maps
+    ``(input_ids, attention_mask)`` to logits only. The ``.onnx`` file is written last and atomically.
     """
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise ExportError(f"output {out_path} must end in .onnx, e.g. out/model.onnx")
-    quantized = any(True for _ in quant_linears(model))
-    if quantized and state is None:
-        raise ExportError("a quantized model needs its ScaleState to export: pass state=ScaleState.from_model(...)")
-    if state is not None:
-        state.apply(model)  # the exported scales are exactly the state's, whatever the model held
     proto = to_onnx_proto(model, state, opset, kv_cache)
-    props = {META_VERSION: sasq_edge.__version__}
+    props = {META_VERSION: __version__}
     if state is not None:
-        proto = pretranspose_int8_weights(proto)
-        deploy = state.config.deploy
-        props = deploy_metadata(deploy.name, deploy.session_options, sasq_edge.__version__)
+        props = deploy_metadata(state.deploy, __version__)
     proto = set_metadata(proto, props)
-    proto.producer_name, proto.producer_version = "sasq-edge", sasq_edge.__version__
+    proto.producer_name, proto.producer_version = "sasq-edge", __version__
     external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
 
     folder = out_path.parent
@@ -218,4 +220,4 @@ def export_onnx(
         os.remove(str(tmp) + ".shapes")
     size = out_path.stat().st_size + ((folder / (out_path.name + ".data")).stat().st_size if external else 0)
     counts = dict(op_counts(proto))
-    return ExportResult(out_path, size, state.config.profile if state else None, counts, external)
+    return ExportResult(out_path, size, state.profile if state else None, counts, external)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sasq_edge.errors import ConfigError
-from sasq_edge.io import atomic_path
+from runtime.errors import ConfigError
+from runtime.io import atomic_path
 
 CALIBRATORS = ("minmax", "percentile", "entropy")
 

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from collections import Counter, defaultdict
+from collections import Counter
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-# metadata_props keys written by the exporter and read by ``runtime`` (which imports nothing of
-# ours, so it repeats these four strings; tests/test_export.py checks that both sides agree)
-META_FORMAT = "sasq.format"
-META_VERSION = "sasq.version"
-META_PROFILE = "sasq.profile"
-META_SESSION_OPTIONS = "sasq.session_options"
-FORMAT_TAG = "sasq-edge-onnx-1"
+from runtime.graph import GraphIndex, attr, set_attr
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for a in list(node.attribute):
-        if a.name == name:
-            node.attribute.remove(a)
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 def pretranspose_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -46,40 +25,58 @@ def pretranspose_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     has other consumers are left alone.
     """
     model = _copy(model)
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, int] = defaultdict(int)
-    for n in g.node:
-        for i in n.input:
-            consumers[i] += 1
-    for o in g.output:
-        consumers[o.name] += 1
+    g = GraphIndex(model)  # indexes the copy: its nodes are the ones edited below
     dead, stale = [], set()
-    for mm in g.node:
+    for mm in g.nodes:
         if mm.op_type != "MatMul":
             continue
-        tr = producer.get(mm.input[1])
-        if tr is None or tr.op_type != "Transpose" or list(_attr(tr, "perm", [])) != [1, 0]:
+        tr_i = g.producer.get(mm.input[1])
+        tr = None if tr_i is None else g.nodes[tr_i]
+        if tr is None or tr.op_type != "Transpose" or list(attr(tr, "perm", [])) != [1, 0]:
             continue
-        dq = producer.get(tr.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or _attr(dq, "axis", 1) != 0:
+        dq_i = g.dq_producer(tr.input[0])
+        dq = None if dq_i is None else g.nodes[dq_i]
+        if dq is None or attr(dq, "axis", 1) != 0:
             continue
-        w = inits.get(dq.input[0])
+        w = g.initializers.get(dq.input[0])
         if w is None or w.data_type != onnx.TensorProto.INT8 or len(w.dims) != 2:
             continue
-        if consumers[dq.output[0]] != 1 or consumers[tr.output[0]] != 1 or consumers[w.name] != 1:
+        if g.uses(dq.output[0]) != 1 or g.uses(tr.output[0]) != 1 or g.uses(w.name) != 1:
             continue
         w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), w.name))  # (K, N)
-        _set_attr(dq, "axis", 1)
+        set_attr(dq, "axis", 1)
         mm.input[1] = dq.output[0]
         dead.append(tr)
         stale.update((w.name, dq.output[0], tr.output[0]))  # shapes recorded before the transposition
-    keep = [v for v in g.value_info if v.name not in stale]
-    del g.value_info[:]
-    g.value_info.extend(keep)
+    keep = [v for v in model.graph.value_info if v.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
     for n in dead:
-        g.node.remove(n)
+        model.graph.node.remove(n)
+    return model
+
+
+def rename_initializers(model: onnx.ModelProto, names: dict[str, str]) -> onnx.ModelProto:
+    """Rename initializers (and every node input that reads them) by ``names``: old -> new.
+    Every old name must exist and no new name may clash with another tensor."""
+    model = _copy(model)
+    g = model.graph
+    present = {t.name for t in g.initializer}
+    missing = sorted(set(names) - present)
+    if missing:
+        raise ValueError(f"no initializer named {missing[0]!r} to rename")
+    taken = present | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    clash = sorted((set(names.values()) & taken) - set(names))
+    if clash:
+        raise ValueError(f"renaming would reuse the tensor name {clash[0]!r}")
+    for t in g.initializer:
+        t.name = names.get(t.name, t.name)
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in names:
+                n.input[k] = names[i]
+    for v in g.value_info:
+        v.name = names.get(v.name, v.name)
     return model
 
 
@@ -94,14 +91,6 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelPro
     return model
 
 
-def deploy_metadata(profile: str, session_options: tuple[tuple[str, str], ...], version: str) -> dict[str, str]:
-    return {
-        META_FORMAT: FORMAT_TAG,
-        META_VERSION: version,
-        META_PROFILE: profile,
-        META_SESSION_OPTIONS: json.dumps(dict(session_options)),
-    }
-
-
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
+

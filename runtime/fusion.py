@@ -8,7 +8,7 @@ optimized graph, and reports for every quantized weight which kernel consumes it
 
 A "target layer" is an integer weight initializer that feeds ``DequantizeLinear`` whose output
 feeds a ``MatMul`` or ``Gemm`` in the exported graph (every quantized linear layer sasq-export
-writes); it is named after its initializer with the exporter's ``.weight_int`` suffix removed.
+writes); it is named by ``runtime.graph.layer_of``, the inverse of the name the exporter gave it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from runtime.session import RuntimeSetupError, session_options
+from runtime.errors import RuntimeSetupError
+from runtime.graph import GraphIndex, layer_of
+from runtime.session import session_options
 
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul")
-_INT_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 
 
 @dataclass
@@ -66,26 +67,9 @@ class FusionReport:
         return "\n".join(lines)
 
 
-def _layer_name(initializer: str) -> str:
-    """``model.model.layers.0.mlp.down_proj.weight_int`` -> ``model.layers.0.mlp.down_proj``: the
-    exporter's wrapper module adds one ``model.`` in front of the PyTorch module name."""
-    return initializer.removesuffix(".weight_int").removeprefix("model.")
-
-
 def target_weights(model: onnx.ModelProto) -> dict[str, str]:
     """Integer weight initializer -> layer name, for every DQ(weight) -> MatMul/Gemm in ``model``."""
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    consumers = defaultdict(list)
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i].append(n)
-    out = {}
-    for n in model.graph.node:
-        if n.op_type != "DequantizeLinear" or inits.get(n.input[0]) not in _INT_TYPES:
-            continue
-        if any(c.op_type in ("MatMul", "Gemm") for c in consumers[n.output[0]]):
-            out[n.input[0]] = _layer_name(n.input[0])
-    return out
+    return {w: layer_of(w) for w in GraphIndex(model).quantized_weights()}
 
 
 def check_fusion(path: str | os.PathLike, provider: str = "cpu", threads: int | None = 1) -> FusionReport:

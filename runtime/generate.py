@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.session import LMSession, RuntimeSetupError
+from runtime.errors import RuntimeSetupError
+from runtime.session import LMSession
 
 
 @dataclass(frozen=True)

@@ -7,32 +7,25 @@ The session options a model needs (for example ``session.qdqisint8allowed``) are
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
+
+from runtime.errors import RuntimeSetupError
+from runtime.graph import PAST_PREFIX, PRESENT_PREFIX
+from runtime.metadata import META_PROFILE, read_metadata, session_config
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-# written by exporters.passes; repeated here because runtime imports nothing of ours
-META_FORMAT = "sasq.format"
-META_PROFILE = "sasq.profile"
-META_SESSION_OPTIONS = "sasq.session_options"
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
 REQUIRED_OUTPUT = "logits"
-PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-class RuntimeSetupError(Exception):
-    """A file, provider or option the runtime cannot use; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -144,20 +137,6 @@ def provider_options(providers: list[str], path: Path, quantized: bool) -> list[
     return out
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The model's ``metadata_props``; fails clearly on a missing or non-ONNX file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RuntimeSetupError(f"{path} not found: pass the model.onnx written by sasq-export")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError / RuntimeWarning-like errors on junk
-        raise RuntimeSetupError(f"{path} is not a readable ONNX file ({type(e).__name__}): re-export it with sasq-export") from None
-    if not model.graph.node:
-        raise RuntimeSetupError(f"{path} holds no ONNX graph: re-export it with sasq-export")
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def session_options(path: str | os.PathLike, threads: int | None = None, meta: dict[str, str] | None = None) -> ort.SessionOptions:
     """ORT session options for ``path``: quiet logging, ``threads`` intra-op threads, and the
     config entries the model's deploy profile asks for in its metadata."""
@@ -167,12 +146,8 @@ def session_options(path: str | os.PathLike, threads: int | None = None, meta: d
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    try:
-        options = json.loads(meta.get(META_SESSION_OPTIONS, "{}"))
-    except json.JSONDecodeError:
-        raise RuntimeSetupError(f"{path}: metadata {META_SESSION_OPTIONS} is not JSON: re-export the model") from None
-    for key, value in options.items():
-        so.add_session_config_entry(key, str(value))
+    for key, value in session_config(meta, path).items():
+        so.add_session_config_entry(key, value)
     return so
 
 

@@ -1,27 +1,35 @@
 """sasq-edge: static INT8 activation quantization with trained scales (SASQ, arXiv 2512.14481).
 
-Typical use::
+The method: quantizer math, module swap, calibration, scale training, smoothing, and the one
+library entry ``run_sasq``::
 
-    from sasq_edge import QuantConfig, prepare, calibrate, train_scales, ScaleState
-    prepare(model, config); calibrate(model, batches, config); train_scales(model, windows, config)
-    ScaleState.from_model(model, config, "my/model").save("run/")
+    from sasq_edge import QuantConfig, load_model, run_sasq
+    lm = load_model("HuggingFaceTB/SmolLM2-135M")
+    result = run_sasq(lm, QuantConfig(smooth_alpha="auto", smooth_learn=True))
+    result.state.save("run/")
 
-Names are imported lazily so that the torch-free parts (``sasq_edge.data``) stay torch-free.
+The layers below it, ``exporters`` (ONNX lowering) and ``runtime`` (the torch-free device side),
+never import this package; the command line (``sasq_edge.cli``) sits on top and nothing in the
+method imports it. Names load lazily, so importing ``sasq_edge`` does not import torch.
 """
 
-__version__ = "0.1.0"
+from runtime.version import __version__
 
 _API = {
     "QuantConfig": "sasq_edge.config",
-    "PROFILES": "sasq_edge.config",
     "prepare": "sasq_edge.modules",
     "QuantLinear": "sasq_edge.modules",
     "calibrate": "sasq_edge.calibrate",
     "train_scales": "sasq_edge.train",
-    "ScaleState": "sasq_edge.state",
+    "run_sasq": "sasq_edge.pipeline",
+    "SasqResult": "sasq_edge.pipeline",
+    "state_from_model": "sasq_edge.state",
+    "apply_state": "sasq_edge.state",
+    "ScaleState": "runtime.state",
+    "PROFILES": "runtime.profiles",
     "load_model": "sasq_edge.models",
     "perplexity": "sasq_edge.evaluate",
-    "SasqError": "sasq_edge.errors",
+    "SasqError": "runtime.errors",
 }
 
 __all__ = ["__version__", *_API]

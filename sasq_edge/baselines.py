@@ -1,5 +1,6 @@
 """The accuracy baselines SASQ is measured against, each a real implementation on the same
-windows and the same calibration text (issue 4):
+windows and the same calibration text (issue 4). They use the method; the method never imports
+them (tests/test_layers.py checks it).
 
 - ``fp32`` / ``fp16``: the float model (FP16 on a GPU, or a CPU with AVX512-FP16);
 - ``naive``: static W8A8 with absmax per-tensor activation scales, no training;
@@ -7,61 +8,52 @@ windows and the same calibration text (issue 4):
 - ``smoothquant``: SmoothQuant's static per-tensor form, per-channel factors folded into the
   preceding RMSNorm / linear, migration strength alpha searched on validation windows;
 - ``dynamic``: per-token absmax activation scales computed at run time (the accuracy
-  reference static methods are measured against; nothing to export).
+  reference static methods are measured against; nothing to export);
+- ``train_qat``: full-weight QAT, the training-cost reference.
 
-ONNX Runtime's own ``quantize_static`` lives in ``exporters.ort_static`` (it works on the
-float ONNX export). SASQ itself is ``pipeline.run_sasq``.
+ONNX Runtime's own ``quantize_static`` lives in ``exporters.ort_static`` (it works on the float
+ONNX export). SASQ itself is ``sasq_edge.pipeline.run_sasq``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from sasq_edge.calibrate import calibrate
-from sasq_edge.config import QuantConfig, cpu_features
+from runtime.profiles import cpu_features
+from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
-from sasq_edge.evaluate import perplexity
-from sasq_edge.modules import prepare
-from sasq_edge.smooth import smooth_model
+from sasq_edge.modules import ActQuantizer, prepare, quant_linears, scale_parameters, set_mode
+from sasq_edge.pipeline import quantize_ptq, search_smooth_alpha
+from sasq_edge.quant_math import round_ste
+from sasq_edge.train import TrainReport, train_loop
 
 METHODS = ("fp32", "fp16", "naive", "percentile", "mse", "smoothquant", "dynamic")
-ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
-def _batches(windows: np.ndarray) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(w))[None] for w in windows]
+class DynamicActQuantizer(ActQuantizer):
+    """Per-token absmax activation scales computed at run time (an accuracy reference only: a
+    static graph cannot hold them, so it is never exported or trained)."""
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / self.grid.qmax  # (..., 1)
+        return torch.clamp(round_ste(x / s), self.grid.qmin, self.grid.qmax), s
+
+    def trainable(self) -> list[nn.Parameter]:
+        return []
 
 
-def quantize_ptq(model: nn.Module, config: QuantConfig, calib: np.ndarray) -> nn.Module:
-    """Smooth (if ``config.smooth_alpha``), prepare and calibrate ``model`` in place: static PTQ."""
-    batches = _batches(calib)
-    if config.smooth_alpha is not None:
-        smooth_model(model, batches, config.smooth_alpha, config.targets)
+def quantize_dynamic(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Prepare ``model`` in place with per-token dynamic activation quantizers, in fake-quant mode."""
     prepare(model, config)
-    calibrate(model, batches, config)
+    for _, m in quant_linears(model):
+        m.act_quant = DynamicActQuantizer(m.act_quant.grid, m.act_quant.truncation)
+    set_mode(model, "fake")
     return model
-
-
-def search_smooth_alpha(model: nn.Module, config: QuantConfig, calib: np.ndarray, select: np.ndarray,
-                        alphas: Sequence[float] = ALPHAS) -> tuple[float, dict[float, float]]:
-    """SmoothQuant's alpha with the lowest perplexity of the static PTQ model on ``select``
-    (validation windows, never test). ``model`` is left untouched (each try works on a copy)."""
-    ppl = {}
-    for a in alphas:
-        trial = quantize_ptq(copy.deepcopy(model), dataclasses.replace(config, smooth_alpha=a, train_steps=0), calib)
-        ppl[a] = perplexity(trial, select, desc=f"alpha {a}", progress=False).ppl
-        del trial
-    finite = {a: p for a, p in ppl.items() if math.isfinite(p)}
-    if not finite:
-        raise ConfigError("every smoothing strength gave a non-finite perplexity: check the model and the data")
-    return min(finite, key=finite.get), ppl
 
 
 def fp16_supported(device: torch.device) -> tuple[bool, str]:
@@ -79,7 +71,7 @@ def build_method(model: nn.Module, method: str, config: QuantConfig, calib: np.n
     (``fp32`` returns ``model`` itself; ``model`` is never changed).
 
     ``calib``: calibration windows (validation text); ``select``: validation windows that pick
-    SmoothQuant's alpha when ``config.smooth_alpha`` is None.
+    SmoothQuant's alpha when ``config.smooth_alpha`` is None or "auto".
     """
     if method not in METHODS:
         raise ConfigError(f"unknown baseline {method!r}: choose one of {', '.join(METHODS)}")
@@ -93,16 +85,17 @@ def build_method(model: nn.Module, method: str, config: QuantConfig, calib: np.n
             raise ConfigError(why)
         info["fp16_on"] = why
         return copy.deepcopy(model).half(), info
-    base = dataclasses.replace(config, train_steps=0, smooth_alpha=None)
+    base = dataclasses.replace(config, train_steps=0, smooth_alpha=None, smooth_learn=False)
+    if method == "dynamic":
+        info["config"] = base.to_dict()
+        return quantize_dynamic(copy.deepcopy(model), base), info
     if method == "naive":
         cfg = dataclasses.replace(base, calibration="absmax")
     elif method in ("percentile", "mse"):
         cfg = dataclasses.replace(base, calibration=method)
-    elif method == "dynamic":
-        cfg = dataclasses.replace(base, activations="dynamic")
     else:  # smoothquant
         alpha = config.smooth_alpha
-        if alpha is None:
+        if alpha is None or alpha == "auto":
             if select is None:
                 raise ConfigError("smoothquant needs validation windows to search alpha, or a fixed smooth_alpha")
             alpha, tried = search_smooth_alpha(model, base, calib, select)
@@ -110,4 +103,30 @@ def build_method(model: nn.Module, method: str, config: QuantConfig, calib: np.n
         cfg = dataclasses.replace(base, smooth_alpha=alpha)
         info["alpha"] = alpha
     info["config"] = cfg.to_dict()
-    return quantize_ptq(copy.deepcopy(model), cfg, calib), info
+    trial = copy.deepcopy(model)
+    quantize_ptq(trial, cfg, calib)
+    return trial, info
+
+
+def train_qat(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *, weight_lr: float = 1e-5,
+              progress: bool = True) -> TrainReport:
+    """Full-weight QAT for the same steps, as the cost reference SASQ is measured against:
+    every parameter trains (a ``QuantLinear`` whose weight requires grad re-quantizes it each
+    pass, straight through the rounding; activation scales train as in ``train_scales``).
+    Changes the model's weights; the frozen INT8 weights are recomputed from them at the end,
+    so evaluating the model afterwards measures the trained weights."""
+    if any(m.act_quant.mode != "fake" for _, m in quant_linears(model)):
+        raise ConfigError("quantizers are not in fake-quant mode: run calibrate() before train_qat()")
+    scales = scale_parameters(model)
+    ids = {id(p) for p in scales}
+    weights = [p for p in model.parameters() if id(p) not in ids]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        groups = [{"params": scales, "lr": config.lr}, {"params": weights, "lr": weight_lr}]
+        return train_loop(model, windows, config, groups, progress=progress, desc="full QAT")
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, m in quant_linears(model):
+            m.refresh_weight()

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from runtime.grids import IntGrid
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
 from sasq_edge.modules import quant_linears, quant_mode, set_mode
-from sasq_edge.quant_math import IntGrid, absmax_scale, mse_scale, percentile_scale
+from sasq_edge.quant_math import absmax_scale, mse_scale, percentile_scale
 
 
 class ScaleObserver:
@@ -57,9 +58,6 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantCo
     targets = dict(quant_linears(model))
     if not targets:
         raise ConfigError("model has no quantized layers: call prepare(model, config) first")
-    if config.activations == "dynamic":  # scales come from each token at run time
-        set_mode(model, "fake")
-        return {}
     device = next(model.parameters()).device
     observers = {name: make_observer(config, m.act_quant.grid) for name, m in targets.items()}
     handles = []

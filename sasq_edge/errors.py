@@ -1,21 +1,11 @@
-"""Typed errors. Each message names the file, module or value at fault and what to do."""
+"""Typed errors of the method. The classes every layer shares live in ``runtime.errors``; they are
+re-exported here so the method's callers need one import."""
 
-
-class SasqError(Exception):
-    """Base of every error the user can fix; the CLI prints it as one line and exits 2."""
-
-
-class ConfigError(SasqError):
-    """An invalid option or recipe value."""
+from runtime.errors import ConfigError, DataError, RuntimeSetupError, SasqError, StateError
 
 
 class ModelLoadError(SasqError):
     """A model that cannot be found, loaded, or is not a supported causal LM."""
 
 
-class DataError(SasqError):
-    """Missing data files or windows that do not fit the model."""
-
-
-class StateError(SasqError):
-    """A scale file that is damaged, from another model, or from another format version."""
+__all__ = ["ConfigError", "DataError", "ModelLoadError", "RuntimeSetupError", "SasqError", "StateError"]

@@ -3,7 +3,9 @@
 A ``QuantLinear`` *is* the original ``nn.Linear`` (it shares the same weight and bias
 ``Parameter`` objects, so the checkpoint's tensors are never copied or rewritten) plus a static
 per-tensor activation quantizer with a learnable scale and a frozen per-output-channel INT8
-weight.
+weight. Its one job is the forward pass of calibration and training: float (calibration observes
+float activations) or fake-quant (training, torch evaluation). Lowering to ONNX is the
+exporter's (``exporters.lowering``), which reads only the float weights and the scale state.
 """
 
 from __future__ import annotations
@@ -16,22 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.grids import EMBEDDING_GRID, IntGrid, encode_weight
 from sasq_edge.arch import arch_spec
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
-from sasq_edge.quant_math import (
-    IntGrid,
-    grad_scale,
-    lsq_grad_scale,
-    quantize_to_int,
-    round_ste,
-    soft_truncate,
-    weight_scales_per_channel,
-)
+from sasq_edge.quant_math import grad_scale, lsq_grad_scale, round_ste, soft_truncate, weight_scales_per_channel
 
-Mode = Literal["float", "fake", "export"]
+Mode = Literal["float", "fake"]
+MODES = ("float", "fake")
 
-_TORCH_INT = {"int8": torch.int8, "uint8": torch.uint8}
+
+def _encode(weight: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``runtime.grids.encode_weight`` on a torch weight: the codes the exporter writes, on the weight's device."""
+    codes, scale = encode_weight(weight.detach().to(device="cpu", dtype=torch.float32).numpy(), grid)
+    return torch.from_numpy(codes).to(weight.device), torch.from_numpy(scale).to(weight.device)
 
 
 class ActQuantizer(nn.Module):
@@ -40,20 +40,13 @@ class ActQuantizer(nn.Module):
     The scale is stored as ``log_scale`` so that gradient steps can never make it zero or
     negative. With ``truncation="tanh"`` the input first goes through ``a * tanh(x / a)`` with a
     learnable ``a`` (stored as ``log_trunc``).
-
-    Modes: ``float`` passes through (calibration observes float activations), ``fake``
-    fake-quantizes with LSQ gradients (training, torch evaluation), ``export`` emits
-    ``quantized_decomposed`` ops with Python-float scales, which the dynamo ONNX exporter turns
-    into ``QuantizeLinear``/``DequantizeLinear`` with constant scales.
     """
 
-    def __init__(self, grid: IntGrid, truncation: str = "clip", dynamic: bool = False) -> None:
+    def __init__(self, grid: IntGrid, truncation: str = "clip") -> None:
         super().__init__()
         self.grid = grid
         self.truncation = truncation
-        self.dynamic = dynamic  # per-token absmax scales at run time (accuracy reference only)
         self.mode: Mode = "float"
-        self._frozen: tuple[float, float | None] | None = None  # (scale, trunc) as Python floats, for export
         self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.log_trunc = nn.Parameter(torch.zeros(()), requires_grad=False) if truncation == "tanh" else None
 
@@ -76,21 +69,9 @@ class ActQuantizer(nn.Module):
             self.log_trunc.fill_(torch.log(torch.tensor(trunc, dtype=torch.float32)))
 
     def set_mode(self, mode: Mode) -> None:
-        """Switch mode; ``export`` freezes the current scales into Python floats first (the
-        exporter traces parameters as graph inputs, so it cannot read them as constants)."""
-        if mode == "export":
-            if self.dynamic:
-                raise ConfigError("dynamic per-token activations are an accuracy reference and cannot be exported: "
-                                  "train static scales (activations='static')")
-            trunc = self.trunc
-            self.freeze(float(self.scale), None if trunc is None else float(trunc))
+        if mode not in MODES:
+            raise ConfigError(f"unknown quantizer mode {mode!r}: use {' or '.join(MODES)}")
         self.mode = mode
-
-    def freeze(self, scale: float, trunc: float | None = None) -> None:
-        """Set the constants the ``export`` forward emits (exactly these floats, no log/exp)."""
-        import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
-
-        self._frozen = (scale, trunc)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in (self.log_scale, self.log_trunc) if p is not None]
@@ -98,8 +79,6 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "float":
             return x
-        if self.mode == "export":
-            return self._export_forward(x)
         q, s = self.codes(x)
         return q * s
 
@@ -108,38 +87,22 @@ class ActQuantizer(nn.Module):
         straight-through gradient) and the scale ``s`` (with LSQ's scaled gradient), so that
         ``codes * s`` is the fake-quantized input. Computed with the float operations the
         deployed ``QuantizeLinear`` uses (one division, round half to even)."""
-        if self.dynamic:
-            s = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / self.grid.qmax  # (..., 1)
-            return torch.clamp(round_ste(x / s), self.grid.qmin, self.grid.qmax), s
         if self.log_trunc is not None:
             x = soft_truncate(x, self.log_trunc.exp())
         s = grad_scale(self.log_scale.exp(), lsq_grad_scale(x.numel(), self.grid))
         return torch.clamp(round_ste(x / s), self.grid.qmin, self.grid.qmax), s
 
-    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.grid
-        scale, a = self._frozen
-        if a is not None:
-            x = torch.tanh(x / a) * a
-        dt = _TORCH_INT[g.dtype]
-        lo, hi = g.qmin + g.zero_point, g.qmax + g.zero_point
-        q = torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, g.zero_point, lo, hi, dt)
-        return torch.ops.quantized_decomposed.dequantize_per_tensor(q, scale, g.zero_point, lo, hi, dt)
-
 
 class QuantLinear(nn.Linear):
     """``nn.Linear`` with a quantized input and a frozen per-output-channel INT8 weight."""
 
-    def __init__(self, linear: nn.Linear, act_grid: IntGrid, weight_grid: IntGrid, truncation: str,
-                 dynamic: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, act_grid: IntGrid, weight_grid: IntGrid, truncation: str) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects: nothing is copied
         self.bias = linear.bias
         self.weight_grid = weight_grid
-        self.act_quant = ActQuantizer(act_grid, truncation, dynamic)
-        # full-weight QAT (the cost comparison in bench/): re-quantize the live weight each pass
-        self.live_weight = False
+        self.act_quant = ActQuantizer(act_grid, truncation)
         # learnable per-input-channel smoothing (sasq_edge.smooth.attach_learnable): the input is
         # divided and the weight's columns multiplied by exp(log_smooth), expanded by smooth_index
         self.log_smooth: nn.Parameter | None = None
@@ -148,13 +111,13 @@ class QuantLinear(nn.Linear):
 
     @torch.no_grad()
     def refresh_weight(self) -> None:
-        """(Re)compute the frozen INT8 weight from ``self.weight`` (after factors are folded)."""
-        w = self.weight.detach().to(torch.float32)
-        scale = weight_scales_per_channel(w, self.weight_grid)  # (N,)
-        self.register_buffer("weight_int", quantize_to_int(w, scale[:, None], self.weight_grid).to(torch.int8))
-        self.register_buffer("weight_scale", scale)
+        """(Re)compute the frozen INT8 weight from ``self.weight`` (after factors are folded or
+        the weight trained): the codes the exporter writes for it."""
+        codes, scale = _encode(self.weight, self.weight_grid)
+        self.register_buffer("weight_int", codes)  # (N, K) int8
+        self.register_buffer("weight_scale", scale)  # (N,) float32
         # the integer codes as float32, for fake-quant forward passes (see ``forward``)
-        self.register_buffer("weight_codes", self.weight_int.to(torch.float32), persistent=False)
+        self.register_buffer("weight_codes", codes.to(torch.float32), persistent=False)
 
     @property
     def mode(self) -> Mode:
@@ -166,51 +129,39 @@ class QuantLinear(nn.Linear):
         return self.weight_codes * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.act_quant.mode
-        if mode == "fake":
-            # Integer codes times integer codes, then one multiplication by the product of the
-            # scales: what ONNX Runtime's integer kernels (MatMulIntegerToFloat) compute. The
-            # float32 sums of integer products are exact while they stay below 2**24 (K * 128 * 64
-            # for 7-bit weights always does up to K = 2048), so the only float rounding is the
-            # final scaling, as in the deployed kernel. Mathematically equal to
-            # ``F.linear(codes * s, weight_dq)``, so LSQ/STE gradients are unchanged.
-            weight = self.weight
-            if self.log_smooth is not None:
-                r = self.log_smooth.exp()
-                r = r if self.smooth_index is None else r[self.smooth_index]
-                x, weight = x / r, weight * r[None, :]
-            q, s = self.act_quant.codes(x)
-            if self.live_weight or self.log_smooth is not None:
-                g = self.weight_grid
-                ws = weight_scales_per_channel(weight, g)
-                wq = torch.clamp(round_ste(weight / ws[:, None]), g.qmin, g.qmax)
-                y = F.linear(q, wq) * (s * ws)
-            else:
-                y = F.linear(q, self.weight_codes.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
-            return y if self.bias is None else y + self.bias
-        x = self.act_quant(x)
-        if mode == "float":
-            w = self.weight
-        else:
+        if self.act_quant.mode == "float":
+            return F.linear(x, self.weight, self.bias)
+        # Integer codes times integer codes, then one multiplication by the product of the
+        # scales: what ONNX Runtime's integer kernels (MatMulIntegerToFloat) compute. The float32
+        # sums of integer products are exact while they stay below 2**24 (K * 128 * 64 for 7-bit
+        # weights always does up to K = 2048), so the only float rounding is the final scaling,
+        # as in the deployed kernel. Mathematically equal to ``F.linear(codes * s, weight_dq)``,
+        # so LSQ/STE gradients are unchanged.
+        weight = self.weight
+        if self.log_smooth is not None:
+            r = self.log_smooth.exp()
+            r = r if self.smooth_index is None else r[self.smooth_index]
+            x, weight = x / r, weight * r[None, :]
+        q, s = self.act_quant.codes(x)
+        if self.log_smooth is not None or weight.requires_grad:
+            # the weight moves (learned smoothing, or a weight-training reference): re-quantize it
+            # every pass, straight through the rounding
             g = self.weight_grid
-            zeros = torch.zeros_like(self.weight_scale, dtype=torch.int64)
-            w = torch.ops.quantized_decomposed.dequantize_per_channel(
-                self.weight_int, self.weight_scale, zeros, 0, g.qmin, g.qmax, torch.int8
-            )
-        return F.linear(x, w, self.bias)
+            ws = weight_scales_per_channel(weight, g)
+            wq = torch.clamp(round_ste(weight / ws[:, None]), g.qmin, g.qmax)
+            y = F.linear(q, wq) * (s * ws)
+        else:
+            y = F.linear(q, self.weight_codes.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, act={self.act_quant.grid}"
 
 
 class QuantEmbedding(nn.Embedding):
-    """``nn.Embedding`` with a weight-only INT8 table: per-row symmetric codes and scales.
-
-    Exported as ``Gather`` on the INT8 table and on the per-row scales, then
-    ``DequantizeLinear(axis=0)`` over the gathered rows: the file stores 1 byte per entry, and
-    only the looked-up rows are dequantized at run time. The fake-quant forward computes the same
-    float operation (``codes * scale``).
-    """
+    """``nn.Embedding`` with a weight-only INT8 table: per-row symmetric codes and scales, the
+    same codes the exporter's ``Int8Embedding`` gathers. The fake-quant forward computes the
+    deployed float operation (``codes * scale`` of the looked-up rows)."""
 
     def __init__(self, emb: nn.Embedding, grid: IntGrid) -> None:
         nn.Module.__init__(self)
@@ -220,29 +171,22 @@ class QuantEmbedding(nn.Embedding):
         self.weight = emb.weight  # the same Parameter (tied to lm_head in many models)
         self.grid = grid
         self.mode: Mode = "float"
-        with torch.no_grad():
-            w = emb.weight.detach().to(torch.float32)
-            scale = weight_scales_per_channel(w, grid)  # (V,)
-            self.register_buffer("weight_int", quantize_to_int(w, scale[:, None], grid).to(torch.int8))
-            self.register_buffer("weight_scale", scale)
+        codes, scale = _encode(emb.weight, grid)
+        self.register_buffer("weight_int", codes)
+        self.register_buffer("weight_scale", scale)
 
     def set_mode(self, mode: Mode) -> None:
-        if mode == "export":
-            import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
+        if mode not in MODES:
+            raise ConfigError(f"unknown quantizer mode {mode!r}: use {' or '.join(MODES)}")
         self.mode = mode
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.mode == "float":
             return F.embedding(ids, self.weight)
         flat = ids.reshape(-1)
-        rows = torch.index_select(self.weight_int, 0, flat)  # Gather on the INT8 table
-        scale = torch.index_select(self.weight_scale, 0, flat)  # Gather on the row scales
-        if self.mode == "fake":
-            out = rows.to(torch.float32) * scale[:, None]
-        else:
-            g = self.grid
-            zeros = torch.zeros_like(scale, dtype=torch.int64)
-            out = torch.ops.quantized_decomposed.dequantize_per_channel(rows, scale, zeros, 0, g.qmin, g.qmax, torch.int8)
+        rows = torch.index_select(self.weight_int, 0, flat)
+        scale = torch.index_select(self.weight_scale, 0, flat)
+        out = rows.to(torch.float32) * scale[:, None]
         return out.reshape(*ids.shape, self.embedding_dim).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
@@ -287,18 +231,13 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name in target_names(model, config):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation,
-                                          dynamic=config.activations == "dynamic"))
+        setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation))
     if config.embedding == "int8":
         emb = model.get_input_embeddings()
         if type(emb) is not nn.Embedding:
             raise ConfigError(f"embedding='int8' needs a plain nn.Embedding, this model has {type(emb).__name__}: use embedding='float'")
         model.set_input_embeddings(QuantEmbedding(emb, EMBEDDING_GRID))
     return model
-
-
-# weight-only embedding rows: the full symmetric int8 grid (no kernel-side saturation concerns)
-EMBEDDING_GRID = IntGrid(-127, 127, zero_point=0, dtype="int8")
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:

@@ -1,19 +1,47 @@
-"""The SASQ run in one call: load training windows, prepare, calibrate, train, collect state."""
+"""The SASQ run in one call, ``run_sasq(lm, config)``: training windows, SmoothQuant factors
+(searched when ``smooth_alpha="auto"``), prepare, calibrate, train, fold; the result holds the
+``ScaleState`` and everything the run decided."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
-from sasq_edge.baselines import quantize_ptq
-from sasq_edge.config import QuantConfig
-from sasq_edge.data import check_context, load_text, make_windows, sample_windows, tokenize
+from runtime.data import check_context, load_text, make_windows, sample_windows, tokenize
+from runtime.state import ScaleState
+from sasq_edge.calibrate import calibrate
+from sasq_edge.config import AUTO_ALPHA, QuantConfig
+from sasq_edge.errors import ConfigError, DataError
+from sasq_edge.evaluate import perplexity
 from sasq_edge.models import LoadedModel
-from sasq_edge.smooth import attach_learnable, fold_learnable
-from sasq_edge.state import ScaleState
+from sasq_edge.modules import prepare
+from sasq_edge.smooth import attach_learnable, fold_learnable, smooth_model, snapshot
+from sasq_edge.state import state_from_model
 from sasq_edge.train import StepCallback, TrainReport, train_scales
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)  # SmoothQuant strengths tried by "auto"
+SELECT_WINDOWS = 4  # validation windows held out of training to pick alpha for "auto"
+
+
+@dataclass
+class SasqResult:
+    state: ScaleState
+    report: TrainReport
+    smooth: dict[str, torch.Tensor] = field(default_factory=dict)  # total factors folded into the model
+    alpha_search: dict[float, float] | None = None  # alpha -> held-out validation PPL, for "auto"
+
+    @property
+    def config(self) -> QuantConfig:
+        """The config that ran ("auto" resolved)."""
+        return QuantConfig.from_dict(self.state.method)
 
 
 def training_windows(lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None) -> np.ndarray:
@@ -22,21 +50,78 @@ def training_windows(lm: LoadedModel, config: QuantConfig, data_dir: str | os.Pa
     return make_windows(tokenize(load_text("validation", data_dir), lm.tokenizer), config.seq_len)
 
 
+def hold_out(windows: np.ndarray, count: int = SELECT_WINDOWS) -> tuple[np.ndarray, np.ndarray]:
+    """(training windows, the last ``count`` held out to choose settings on)."""
+    if windows.shape[0] <= count:
+        raise DataError(f"choosing smooth_alpha holds out {count} validation windows, the text has only "
+                        f"{windows.shape[0]} of {windows.shape[1]} tokens: fix smooth_alpha (--smooth-alpha A) or use a "
+                        "shorter seq_len")
+    return windows[:-count], windows[-count:]
+
+
+def _batches(windows: np.ndarray) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(w))[None] for w in windows]
+
+
+def quantize_ptq(model: nn.Module, config: QuantConfig, calib: np.ndarray) -> dict[str, torch.Tensor]:
+    """Smooth (if ``config.smooth_alpha``), prepare and calibrate ``model`` in place: static PTQ.
+    Returns the smoothing factors folded into it (empty without smoothing)."""
+    if config.smooth_alpha == AUTO_ALPHA:
+        raise ConfigError("smooth_alpha='auto' is chosen by run_sasq or search_smooth_alpha: pass a number here")
+    batches = _batches(calib)
+    factors = smooth_model(model, batches, config.smooth_alpha, config.targets) if config.smooth_alpha is not None else {}
+    prepare(model, config)
+    calibrate(model, batches, config)
+    return factors
+
+
+def search_smooth_alpha(model: nn.Module, config: QuantConfig, calib: np.ndarray, select: np.ndarray,
+                        alphas: Sequence[float] = ALPHAS) -> tuple[float, dict[float, float]]:
+    """SmoothQuant's alpha with the lowest perplexity of the static PTQ model on ``select``
+    (validation windows, never test). ``model`` is left untouched (each try works on a copy)."""
+    ppl = {}
+    for a in alphas:
+        cfg = dataclasses.replace(config, smooth_alpha=a, smooth_learn=False, train_steps=0)
+        trial = copy.deepcopy(model)
+        quantize_ptq(trial, cfg, calib)
+        ppl[a] = perplexity(trial, select, desc=f"alpha {a}", progress=False).ppl
+        del trial
+    finite = {a: p for a, p in ppl.items() if math.isfinite(p)}
+    if not finite:
+        raise ConfigError("every smoothing strength gave a non-finite perplexity: check the model and the data")
+    return min(finite, key=finite.get), ppl
+
+
 def run_sasq(
     lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None = None, *, progress: bool = True,
     windows: np.ndarray | None = None, on_step: StepCallback | None = None,
-) -> tuple[ScaleState, TrainReport]:
-    """Smooth (if ``config.smooth_alpha``) and prepare ``lm.model`` in place, initialise scales
-    on ``config.calib_batches`` windows, train them for ``config.train_steps`` steps, and return
-    the resulting state. ``windows`` overrides the validation windows loaded from ``data_dir``."""
+) -> SasqResult:
+    """Smooth (if ``config.smooth_alpha``; ``"auto"`` first picks alpha on the last
+    ``SELECT_WINDOWS`` validation windows, held out of training) and prepare ``lm.model`` in
+    place, initialise scales on ``config.calib_batches`` windows, train them for
+    ``config.train_steps`` steps (with the smoothing factors when ``config.smooth_learn``), and
+    return the state. ``windows`` overrides the validation windows loaded from ``data_dir``.
+
+    The model ends as ``apply_state(fresh model, result.state)`` rebuilds it, bit for bit.
+    """
     if windows is None:
         windows = training_windows(lm, config, data_dir)
+    search = None
+    if config.smooth_alpha == AUTO_ALPHA:
+        windows, select = hold_out(windows)
+        alpha, search = search_smooth_alpha(lm.model, config, sample_windows(windows, config.calib_batches, config.seed), select)
+        config = dataclasses.replace(config, smooth_alpha=alpha)
     calib = sample_windows(windows, config.calib_batches, config.seed)
-    quantize_ptq(lm.model, config, calib)
+    originals = snapshot(lm.model, config.targets) if config.smooth_learn else {}
+    factors = quantize_ptq(lm.model, config, calib)
     if config.smooth_learn:
-        attach_learnable(lm.model)
+        attach_learnable(lm.model, factors)
     report = train_scales(lm.model, torch.from_numpy(windows), config, progress=progress, on_step=on_step)
     if config.smooth_learn:
-        fold_learnable(lm.model)
-    training = {**report.summary(), "calib_windows": int(calib.shape[0]), "text": "wikitext2 validation"}
-    return ScaleState.from_model(lm.model, config, lm.source, training), report
+        factors = fold_learnable(lm.model, factors, originals)
+    training = {**report.summary(), "calib_windows": int(calib.shape[0]), "train_windows": int(windows.shape[0]),
+                "text": "wikitext2 validation"}
+    if search is not None:
+        training["alpha_search"] = {str(a): p for a, p in search.items()}
+    state = state_from_model(lm.model, config, lm.source, smooth=factors, training=training)
+    return SasqResult(state, report, factors, search)

@@ -1,5 +1,8 @@
-"""Quantizer math: integer grids, fake quantization with straight-through gradients, scale
-initialisers. Pure tensor functions; nothing here knows about models, transformers or ONNX.
+"""Quantizer math: fake quantization with straight-through gradients, scale initialisers. Pure
+tensor functions; nothing here knows about models, transformers or ONNX. The integer grids and
+the frozen weight encoding are deploy facts (``runtime.grids``); the weight functions here are
+their differentiable twins for weights that move during training (bit-identical in the forward
+pass: tests/test_quant_math.py).
 
 References:
 - LSQ: Esser et al., "Learned Step Size Quantization", ICLR 2020 (step-size gradient, eq. 3,
@@ -11,31 +14,10 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class IntGrid:
-    """A symmetric integer grid: values ``q`` in ``[qmin, qmax]``, dequantized as ``q * scale``.
-
-    ``zero_point`` is the offset the deployed integer type stores (128 for uint8 that carries
-    the int8 grid); it never changes the real values the grid represents.
-    """
-
-    qmin: int
-    qmax: int
-    zero_point: int = 0
-    dtype: str = "int8"  # deployed integer type: "int8" or "uint8"
-
-    def __post_init__(self) -> None:
-        if not self.qmin < 0 < self.qmax:
-            raise ValueError(f"grid [{self.qmin}, {self.qmax}] must contain 0 strictly inside")
-
-    @property
-    def levels(self) -> int:
-        return self.qmax - self.qmin + 1
+from runtime.grids import IntGrid
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

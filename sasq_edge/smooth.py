@@ -10,6 +10,9 @@ ranges the per-tensor grid must cover become even. ``s_j = max|x_j|^alpha / max|
 
 Row scaling of a preceding linear (``v_proj``, ``up_proj``) leaves its own per-output-channel
 weight quantization unchanged, since each row's scale absorbs the factor.
+
+The factors are returned to the caller (``run_sasq`` puts them in the ``ScaleState``); nothing is
+stored on the model.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from runtime.layout import AttentionLayout
 from sasq_edge.arch import SmoothGroup, arch_spec
 from sasq_edge.errors import ConfigError
 
@@ -45,23 +49,17 @@ def _block(key: str, g: SmoothGroup) -> str:
     return key[: -len(g.prev) - 1]
 
 
-def _heads(model: nn.Module) -> tuple[int, int, int]:
-    c = model.config
-    n_heads = c.num_attention_heads
-    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
-    return n_heads, n_kv, head_dim
-
-
 def _per_kv_channel(model: nn.Module, v: torch.Tensor) -> torch.Tensor:
     """Max over the query heads that share each key/value head: ``(H*D,)`` -> ``(KV*D,)``."""
-    n_heads, n_kv, d = _heads(model)
-    return v.view(n_kv, n_heads // n_kv, d).amax(dim=1).reshape(-1)
+    lay = AttentionLayout.of(model.config)
+    return v.view(lay.kv_heads, lay.group, lay.head_dim).amax(dim=1).reshape(-1)
 
 
-def _expand_kv(model: nn.Module, s: torch.Tensor) -> torch.Tensor:
-    n_heads, n_kv, d = _heads(model)
-    return s.view(n_kv, 1, d).expand(n_kv, n_heads // n_kv, d).reshape(-1)
+def _kv_index(model: nn.Module, device: torch.device | None = None) -> torch.Tensor:
+    """For each query-head channel ``(H*D,)``, the key/value channel it reads."""
+    lay = AttentionLayout.of(model.config)
+    idx = torch.arange(lay.kv_heads * lay.head_dim, device=device).view(lay.kv_heads, 1, lay.head_dim)
+    return idx.expand(lay.kv_heads, lay.group, lay.head_dim).reshape(-1)
 
 
 @torch.no_grad()
@@ -95,9 +93,14 @@ def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: di
 @torch.no_grad()
 def fold_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
     """Fold ``factors`` (keyed by preceding op) into the float weights, in place: the
-    preceding op's output is divided by ``s``, the linears' input columns multiplied by it."""
+    preceding op's output is divided by ``s``, the linears' input columns multiplied by it.
+
+    Groups are folded in sorted key order, whatever order ``factors`` has: ``v_proj`` and
+    ``up_proj`` are both a consumer of one group and the preceding op of another, and the order
+    of their two roundings decides their last bits, so training and a state loaded from disk
+    must fold alike."""
     groups = smooth_groups(model)
-    for key, s in factors.items():
+    for key, s in sorted(factors.items()):
         if key not in groups:
             raise ConfigError(f"smoothing factor for {key!r}, which is no smoothing point of this model: retrain the scales")
         g = groups[key]
@@ -115,21 +118,22 @@ def fold_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
             if prev.weight.shape != s.shape:
                 raise ConfigError(f"{key} has {prev.weight.numel()} channels, its smoothing factors {s.numel()}: retrain the scales")
             prev.weight.div_(s.to(prev.weight.dtype))
-        cols = _expand_kv(model, s) if g.heads else s
+        cols = s[_kv_index(model, s.device)] if g.heads else s
         for name in g.linears:
             lin = model.get_submodule(f"{_block(key, g)}.{name}")
             lin.weight.mul_(cols[None, :].to(lin.weight.dtype))
-    model.sasq_smooth = {k: v.detach().float().cpu().clone() for k, v in factors.items()}
 
 
 @torch.no_grad()
 def smooth_model(model: nn.Module, batches: Iterable[torch.Tensor], alpha: float,
                  targets: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Compute SmoothQuant factors with migration strength ``alpha`` from the float model's
-    activations on ``batches`` and fold them in. Returns the factors (also kept as
-    ``model.sasq_smooth`` for the scale state)."""
-    if getattr(model, "sasq_smooth", None):
-        raise ConfigError("model is already smoothed: smooth a freshly loaded model")
+    activations on ``batches``, fold them in, and return them (float32, on the CPU). Smoothing
+    comes before ``prepare``: the factors change the float weights the INT8 weights come from."""
+    from sasq_edge.modules import QuantLinear
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ConfigError("smooth the float model before prepare(): this model is already prepared")
     groups = smooth_groups(model, targets)
     stats = channel_absmax(model, list(batches), groups)
     factors = {}
@@ -141,27 +145,27 @@ def smooth_model(model: nn.Module, batches: Iterable[torch.Tensor], alpha: float
         if g.heads:
             w_max, a_max = _per_kv_channel(model, w_max), _per_kv_channel(model, a_max)
         s = a_max.clamp_min(_EPS).pow(alpha) / w_max.clamp_min(_EPS).pow(1.0 - alpha)
-        factors[key] = s.clamp_min(_EPS)
+        factors[key] = s.clamp_min(_EPS).cpu()
     fold_factors(model, factors)
-    return model.sasq_smooth
+    return factors
 
 
-def attach_learnable(model: nn.Module) -> int:
-    """Give every smoothed group of a prepared model a learnable factor ``r`` (log-stored,
-    starting at 1) on top of its folded factors: each consumer divides its input by ``r`` and
-    multiplies its weight columns by it before quantizing both (weights stay frozen; the INT8
-    weight is re-quantized each pass). ``fold_learnable`` moves ``r`` into the weights.
-    Returns the number of factors."""
+def attach_learnable(model: nn.Module, factors: dict[str, torch.Tensor]) -> int:
+    """Give every group of a prepared model smoothed by ``factors`` a learnable factor ``r``
+    (log-stored, starting at 1) on top: each consumer divides its input by ``r`` and multiplies
+    its weight columns by it before quantizing both (weights stay frozen; the INT8 weight is
+    re-quantized each pass). ``fold_learnable`` moves ``r`` into the weights. Returns the number
+    of factors."""
     from sasq_edge.modules import QuantLinear
 
-    smoothed = getattr(model, "sasq_smooth", None)
-    if not smoothed:
+    if not factors:
         raise ConfigError("learnable smoothing needs a smoothed model: set smooth_alpha")
     groups = smooth_groups(model)
+    device = next(model.parameters()).device
     count = 0
-    for key in smoothed:
+    for key, s in factors.items():
         g = groups[key]
-        param = nn.Parameter(torch.zeros_like(smoothed[key], device=next(model.parameters()).device))
+        param = nn.Parameter(torch.zeros_like(s, device=device))
         count += param.numel()
         for name in g.linears:
             lin = model.get_submodule(f"{_block(key, g)}.{name}")
@@ -169,38 +173,68 @@ def attach_learnable(model: nn.Module) -> int:
                 raise ConfigError(f"{_block(key, g)}.{name} is not quantized: learnable smoothing needs every linear of the group")
             lin.log_smooth = param
             if g.heads:
-                n_heads, n_kv, d = _heads(model)
-                idx = torch.arange(n_kv * d, device=param.device).view(n_kv, 1, d).expand(n_kv, n_heads // n_kv, d)
-                lin.smooth_index = idx.reshape(-1)
+                lin.smooth_index = _kv_index(model, device)
     return count
 
 
+def _touched(model: nn.Module, keys: Iterable[str]) -> dict[str, nn.Parameter]:
+    """Every parameter folding factors at ``keys`` changes: the preceding ops' weights (and a
+    preceding linear's bias) and the consumers' weights, by name."""
+    groups = smooth_groups(model)
+    out = {}
+    for key in keys:
+        g = groups[key]
+        prev = model.get_submodule(key)
+        out[f"{key}.weight"] = prev.weight
+        if isinstance(prev, nn.Linear) and prev.bias is not None:
+            out[f"{key}.bias"] = prev.bias
+        for name in g.linears:
+            out[f"{_block(key, g)}.{name}.weight"] = model.get_submodule(f"{_block(key, g)}.{name}").weight
+    return out
+
+
 @torch.no_grad()
-def fold_learnable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Fold the learned factors into the weights (preceding op divided, consumers multiplied),
-    re-quantize the affected INT8 weights, detach the factors; ``model.sasq_smooth`` becomes
-    the total factors, so the scale state holds them."""
+def snapshot(model: nn.Module, targets: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of the float parameters smoothing will change (before it does), in their own
+    dtype, so that ``fold_learnable`` can fold the final factors into them once."""
+    keys = smooth_groups(model, targets)
+    return {name: p.detach().cpu().clone() for name, p in _touched(model, keys).items()}
+
+
+@torch.no_grad()
+def fold_learnable(model: nn.Module, factors: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold the learned factors into the weights and detach them. Returns the total factors
+    (``factors`` times the learned ones), what the scale state stores.
+
+    The float weights are first put back to ``originals`` (``snapshot`` before smoothing) and the
+    total folded into them once, so the model ends bit for bit as ``apply_state`` rebuilds it from
+    the state (folding SmoothQuant's factors and then the learned ones would round twice)."""
     from sasq_edge.modules import QuantLinear
 
     groups = smooth_groups(model)
-    total = dict(model.sasq_smooth)
+    total = {k: v.detach().float().cpu().clone() for k, v in factors.items()}
     learned = {}
     for key in total:
         g = groups[key]
         first = model.get_submodule(f"{_block(key, g)}.{g.linears[0]}")
         if isinstance(first, QuantLinear) and first.log_smooth is not None:
-            learned[key] = first.log_smooth.detach().exp().float()
+            learned[key] = first.log_smooth.detach().exp().float().cpu()
     if not learned:
         return total
-    model.sasq_smooth = {}
-    fold_factors(model, learned)  # records only the learned part; restored below
+    params = _touched(model, total)
+    missing = sorted(set(params) - set(originals))
+    if missing:
+        raise ConfigError(f"no original weights for {missing[0]}: take smooth.snapshot(model) before smoothing")
+    for name, p in params.items():
+        p.copy_(originals[name])
     for key, r in learned.items():
-        total[key] = total[key] * r.cpu()
+        total[key] = total[key] * r
+    fold_factors(model, total)
+    for key in total:
         g = groups[key]
         names = [*g.linears] + ([g.prev] if isinstance(model.get_submodule(key), QuantLinear) else [])
         for name in names:
             lin = model.get_submodule(f"{_block(key, g)}.{name}")
             lin.log_smooth, lin.smooth_index = None, None
             lin.refresh_weight()
-    model.sasq_smooth = total
     return total

@@ -80,44 +80,22 @@ def train_scales(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *
     draws ``config.batch_size`` windows with a generator seeded by ``config.seed``.
     ``on_step(step, model)`` runs after each optimizer step (1-based), e.g. to evaluate.
     """
-    if config.activations == "dynamic":
-        raise ConfigError("dynamic per-token activations have no scales to train: use train_steps=0")
     if any(m.act_quant.mode != "fake" for _, m in quant_linears(model)):
         raise ConfigError("quantizers are not in fake-quant mode: run calibrate() before train_scales()")
     params = freeze_all_but_scales(model)
     try:
-        return _train(model, windows, config, [{"params": params, "lr": config.lr}], progress, on_step, "train scales")
+        return train_loop(model, windows, config, [{"params": params, "lr": config.lr}], progress=progress,
+                          on_step=on_step, desc="train scales")
     finally:
         for p in params:
             p.requires_grad_(False)
 
 
-def train_qat(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *, weight_lr: float = 1e-5,
-              progress: bool = True) -> TrainReport:
-    """Full-weight QAT for the same steps, as the cost reference SASQ is measured against:
-    every parameter trains (weights through a per-step re-quantization with the straight-through
-    estimator, activation scales as in ``train_scales``). Changes the model's weights."""
-    if any(m.act_quant.mode != "fake" for _, m in quant_linears(model)):
-        raise ConfigError("quantizers are not in fake-quant mode: run calibrate() before train_qat()")
-    scales = scale_parameters(model)
-    ids = {id(p) for p in scales}
-    weights = [p for p in model.parameters() if id(p) not in ids]
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for _, m in quant_linears(model):
-        m.live_weight = True
-    try:
-        groups = [{"params": scales, "lr": config.lr}, {"params": weights, "lr": weight_lr}]
-        return _train(model, windows, config, groups, progress, None, "full QAT")
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, m in quant_linears(model):
-            m.live_weight = False
-
-
-def _train(model: nn.Module, windows: torch.Tensor, config: QuantConfig, groups: list[dict], progress: bool,
-           on_step: StepCallback | None, desc: str) -> TrainReport:
+def train_loop(model: nn.Module, windows: torch.Tensor, config: QuantConfig, groups: list[dict], *, progress: bool = True,
+               on_step: StepCallback | None = None, desc: str = "train") -> TrainReport:
+    """Adam over the parameter ``groups`` for ``config.train_steps`` steps of next-token loss on
+    ``windows`` (``config.batch_size`` windows a step, drawn with a generator seeded by
+    ``config.seed``; ``config.lr_schedule`` scales every group's learning rate)."""
     trainable = sum(p.numel() for g in groups for p in g["params"])
     report = TrainReport(0, 0, trainable, 0.0, 0.0)
     if config.train_steps == 0:

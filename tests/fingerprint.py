@@ -3,7 +3,7 @@ export changes (issue 9): every Q/DQ scale and zero point, every integer initial
 float initializers, each hashed with its dtype and shape (names excluded, so a rename of a tensor
 does not count as a change of the model), plus the Q/DQ and MatMul counts.
 
-Imports only onnx, numpy and hashlib.
+Imports only onnx, numpy and hashlib (and the runtime, for the perplexity).
 """
 
 from __future__ import annotations
@@ -41,3 +41,16 @@ def export_fingerprint(model: onnx.ModelProto) -> dict:
         "float_initializers": sorted(floats),
         "counts": {k: ops.get(k, 0) for k in ("QuantizeLinear", "DequantizeLinear", "MatMul", "Gather", "Tanh")},
     }
+
+
+def eval_windows() -> np.ndarray:
+    """The fixed byte-token windows the recorded perplexities use."""
+    return np.random.default_rng(0).integers(0, 257, (4, 64), dtype=np.int64)
+
+
+def onnx_ppl(path) -> float:
+    """ONNX Runtime perplexity of an exported tiny model on ``eval_windows`` (1 thread)."""
+    from runtime.perplexity import perplexity
+    from runtime.session import open_session
+
+    return perplexity(open_session(path, ["cpu"], threads=1), eval_windows()).ppl

@@ -9,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sasq_edge.cli import export_main, ppl_main, train_main, validate_main
+from sasq_edge.cli.export import main as export_main
+from sasq_edge.cli.ppl import main as ppl_main
+from sasq_edge.cli.train import main as train_main
+from sasq_edge.cli.validate import main as validate_main
 
 TINY = ["--model", "tiny-random-llama", "--seq-len", "64"]
 
@@ -153,10 +156,10 @@ def test_scales_from_another_version(tmp_path, run_dir, capsys):
     bad = tmp_path / "run"
     shutil.copytree(run_dir, bad)
     recipe = json.loads((bad / "recipe.json").read_text())
-    recipe["version"] = 2
+    recipe["version"] = 3
     (bad / "recipe.json").write_text(json.dumps(recipe))
     code = export_main([str(tmp_path / "model.onnx"), *TINY, "--scales", str(bad)])
-    assert "format version 2" in _error(capsys, code)
+    assert "format version 3" in _error(capsys, code)
     assert not (tmp_path / "model.onnx").exists()
 
 

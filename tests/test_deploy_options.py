@@ -13,17 +13,19 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from exporters import export_onnx
-from exporters.lint import INT8_TYPE, RULES, lint
 from exporters.passes import op_counts
 from runtime import open_session
 from runtime.fusion import check_fusion, target_weights
+from runtime.lint import INT8_TYPE, RULES, lint
+from runtime.state import ScaleState
 from sasq_edge.calibrate import calibrate
-from sasq_edge.cli import lint_main, validate_main
+from sasq_edge.cli.lint import main as lint_main
+from sasq_edge.cli.validate import main as validate_main
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
 from sasq_edge.models import tiny_random_llama
 from sasq_edge.modules import EMBEDDING_GRID, QuantEmbedding, QuantLinear, prepare, quant_linears
-from sasq_edge.state import ScaleState
+from sasq_edge.state import apply_state, state_from_model
 from sasq_edge.train import train_scales
 
 V, H = 257, 64  # the tiny model's vocabulary and hidden size
@@ -41,7 +43,7 @@ def _run(profile: str, tmp, **options):
     prepare(lm.model, cfg)
     calibrate(lm.model, [WINDOWS[:1], WINDOWS[1:2]], cfg)
     train_scales(lm.model, WINDOWS, cfg, progress=False)
-    state = ScaleState.from_model(lm.model, cfg, lm.source)
+    state = state_from_model(lm.model, cfg, lm.source)
     res = export_onnx(lm.model, tmp / "model.onnx", state=state, tokenizer=lm.tokenizer)
     return lm, state, res, before, params
 
@@ -107,7 +109,7 @@ def test_exact_qdq_counts(deploy, plain):
     assert len(state.scales) == len(set(state.scales.values())) == 15
     assert counts["QuantizeLinear"] == 15
     assert counts["DequantizeLinear"] == 15 + 15 + 1  # activations, weights, embedding rows
-    assert len(target_weights(model)) == 15 and "model.lm_head.weight_int" in target_weights(model)
+    assert len(target_weights(model)) == 15 and "lm_head.weight_int" in target_weights(model)
     assert op_counts(onnx.load(str(plain[2].onnx)))["DequantizeLinear"] == 14 + 14
 
 
@@ -186,13 +188,13 @@ def test_frozen_weights_untouched(deploy):
 def test_recipe_round_trip(deploy, tmp_path):
     lm, state, res, _, _ = deploy
     recipe = json.loads((res.onnx.parent / "recipe.json").read_text())
-    assert (recipe["config"]["lm_head"], recipe["config"]["embedding"]) == (True, "int8")
+    assert (recipe["method"]["lm_head"], recipe["deploy"]["embedding"]) == (True, "int8")
     assert "lm_head" in recipe["modules"]
     state.save(tmp_path)
     for loaded in (ScaleState.load(tmp_path), ScaleState.load(res.onnx.parent)):
-        assert loaded.config == state.config and loaded.scales == state.scales
+        assert loaded.method == state.method and loaded.scales == state.scales and loaded.embedding == "int8"
     fresh = tiny_random_llama()
-    ScaleState.load(tmp_path).apply(fresh.model)
+    apply_state(fresh.model, ScaleState.load(tmp_path))
     assert type(fresh.model.get_input_embeddings()) is QuantEmbedding and type(fresh.model.lm_head) is QuantLinear
     with torch.no_grad():
         assert torch.equal(fresh.model(input_ids=WINDOWS[:2]).logits, lm.model(input_ids=WINDOWS[:2]).logits)

@@ -8,13 +8,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import exporters.passes as passes
-import runtime.session as rs
+import runtime.metadata as meta
 from exporters import ExportError, export_onnx
 from exporters.passes import pretranspose_int8_weights
 from runtime import open_session
+from runtime.graph import layer_of, weight_name, weight_scale_name
+from runtime.state import ScaleState
 from sasq_edge.calibrate import calibrate
 from sasq_edge.modules import prepare
-from sasq_edge.state import ScaleState
+from sasq_edge.state import state_from_model
 from sasq_edge.train import train_scales
 
 
@@ -30,7 +32,7 @@ def exported(tmp_path_factory):
     prepare(lm.model, cfg)
     calibrate(lm.model, [windows[:1], windows[1:2]], cfg)
     train_scales(lm.model, windows, cfg, progress=False)
-    state = ScaleState.from_model(lm.model, cfg, lm.source)
+    state = state_from_model(lm.model, cfg, lm.source)
     out = tmp_path_factory.mktemp("export") / "model.onnx"
     res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer)
     return lm, state, res, onnx.load(str(out))
@@ -70,7 +72,8 @@ def test_weights_are_int8_kn_feeding_matmul_directly(exported):
         assert [c.op_type for c in consumers[dq.output[0]]] == ["MatMul"]
         assert consumers[dq.output[0]][0].input[1] == dq.output[0]
         # the transposed codes are the module's codes
-        name = dq.input[0].removeprefix("model.").removesuffix(".weight_int")
+        name = layer_of(dq.input[0])
+        assert dq.input[0] == weight_name(name) and dq.input[1] == weight_scale_name(name)
         mod = lm.model.get_submodule(name)
         assert np.array_equal(w, mod.weight_int.numpy().T)
 
@@ -88,16 +91,14 @@ def test_activation_scales_equal_the_state(exported):
 
 def test_metadata_and_folder(exported):
     _, state, res, model = exported
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta[passes.META_PROFILE] == "trt"
-    assert json.loads(meta[passes.META_SESSION_OPTIONS]) == {"session.qdqisint8allowed": "1"}
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props[meta.META_FORMAT] == meta.FORMAT_TAG and props[meta.META_PROFILE] == "trt"
+    assert json.loads(props[meta.META_SESSION_OPTIONS]) == {"session.qdqisint8allowed": "1"}
+    assert meta.read_metadata(res.onnx) == props
     folder = res.onnx.parent
     for f in ("config.json", "tokenizer.json", "recipe.json", "scales.safetensors"):
         assert (folder / f).is_file(), f
     assert ScaleState.load(folder).scales == state.scales
-    # runtime repeats the metadata keys (it imports nothing of ours): both sides must agree
-    assert (rs.META_FORMAT, rs.META_PROFILE, rs.META_SESSION_OPTIONS) == (
-        passes.META_FORMAT, passes.META_PROFILE, passes.META_SESSION_OPTIONS)
     onnx.checker.check_model(model, full_check=True)
 
 
@@ -183,7 +184,7 @@ def test_external_data_above_threshold(tiny, config, monkeypatch, tmp_path):
     monkeypatch.setattr(oe, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the model were over 2 GB
     prepare(tiny.model, config)
     calibrate(tiny.model, [torch.randint(0, 257, (1, 32))], config)
-    state = ScaleState.from_model(tiny.model, config, tiny.source)
+    state = state_from_model(tiny.model, config, tiny.source)
     res = export_onnx(tiny.model, tmp_path / "model.onnx", state=state)
     data = tmp_path / "model.onnx.data"
     assert res.external_data and data.is_file()

@@ -18,16 +18,17 @@ import pytest
 import torch
 
 from exporters import export_onnx
-from exporters.onnx_export import CacheLayout
 from runtime import RuntimeSetupError, open_session
 from runtime.generate import GenerationStats, Sampling, generate, pick_token, stream
+from runtime.graph import cache_names
+from runtime.layout import AttentionLayout
 from sasq_edge.calibrate import calibrate
-from sasq_edge.cli import generate_main
+from sasq_edge.cli.generate import main as generate_main
 from sasq_edge.config import QuantConfig
 from sasq_edge.evaluate import greedy_tokens
 from sasq_edge.models import LoadedModel, tiny_random_llama
 from sasq_edge.modules import prepare
-from sasq_edge.state import ScaleState
+from sasq_edge.state import state_from_model
 
 GAIN = 8.0
 PROMPTS = [list(b"hello world"), list(b"The capital of France is"), list(b"abc"), list(b"x")]
@@ -50,7 +51,7 @@ def quant(tmp_path_factory):
     windows = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(1))
     prepare(lm.model, cfg)
     calibrate(lm.model, [windows[:1], windows[1:]], cfg)
-    state = ScaleState.from_model(lm.model, cfg, lm.source)
+    state = state_from_model(lm.model, cfg, lm.source)
     root = tmp_path_factory.mktemp("gen")
     cached = export_onnx(lm.model, root / "kv" / "model.onnx", state=state, tokenizer=lm.tokenizer)
     plain = export_onnx(lm.model, root / "nokv" / "model.onnx", state=state, tokenizer=lm.tokenizer, kv_cache=False)
@@ -80,11 +81,13 @@ def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
 def test_cache_graph_names_and_shapes(cached):
     lm, sess = cached
     cfg = lm.model.config
-    layout = CacheLayout.of(cfg)
-    assert layout == CacheLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads) == \
-        CacheLayout(2, 2, 16)
+    layout = AttentionLayout.of(cfg)
+    assert layout == AttentionLayout(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                     cfg.hidden_size // cfg.num_attention_heads) == AttentionLayout(2, 4, 2, 16)
+    assert AttentionLayout.of(cfg.to_dict()) == layout  # config.json of an export folder gives the same facts
     past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert cache_names(2) == (past, present)
     inputs, outputs = sess.session.get_inputs(), sess.session.get_outputs()
     assert [i.name for i in inputs] == ["input_ids", "attention_mask", "position_ids", *past]
     assert [o.name for o in outputs] == ["logits", *present]

@@ -67,7 +67,8 @@ def test_quantlinear_is_a_linear(tiny, config):
     "kwargs, message",
     [
         ({"profile": "tensorrt"}, "unknown deploy profile"),
-        ({"bits": 4}, "bits=4"),
+        ({"smooth_alpha": 1.5}, "must be a number in"),
+        ({"percentile": 20.0}, "percentile=20.0"),
         ({"calibration": "kl"}, "unknown calibration"),
         ({"truncation": "hard"}, "unknown truncation"),
         ({"seq_len": 0}, "seq_len=0"),

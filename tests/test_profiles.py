@@ -3,8 +3,10 @@ the tiny model exported with each of them (zero points, weight ranges, ORT fusio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,14 +17,18 @@ from onnx import numpy_helper
 from exporters import export_onnx
 from runtime import open_session
 from runtime.fusion import INTEGER_KERNELS, check_fusion
+from runtime.graph import layer_of
+from runtime.grids import IntGrid
+from runtime.profiles import PROFILES, cpu_features, detect_profile, get_profile, resolve_profile
+from runtime.state import ScaleState
 from sasq_edge.calibrate import calibrate
-from sasq_edge.cli import export_main, train_main
-from sasq_edge.config import PROFILES, QuantConfig, detect_profile, get_profile, resolve_profile
+from sasq_edge.cli.export import main as export_main
+from sasq_edge.cli.train import main as train_main
+from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError, StateError
 from sasq_edge.models import tiny_random_llama
 from sasq_edge.modules import prepare
-from sasq_edge.quant_math import IntGrid
-from sasq_edge.state import ScaleState
+from sasq_edge.state import quant_config, state_from_model
 
 CPU_PROFILES = ("cpu-avx2", "cpu-vnni", "arm64")
 U8_ACT = IntGrid(-128, 127, zero_point=128, dtype="uint8")
@@ -115,34 +121,32 @@ def test_unknown_machine_lists_every_profile():
     assert all(name in str(e.value) for name in PROFILES)
 
 
-def _this_cpu_profile() -> str | None:
-    """The profile this machine should get, read independently from /proc/cpuinfo."""
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
-        return "arm64"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return None
-    flags = set(line.partition(":")[2].split())
-    if machine != "x86_64" or not flags:
-        return None
-    if flags & {"avx_vnni", "avx512_vnni", "amx_int8"}:
-        return "cpu-vnni"
-    return "cpu-avx2" if "avx2" in flags else None
+CPUINFO = Path("/proc/cpuinfo")
 
 
 @pytest.fixture
 def this_cpu() -> str:
-    expected = _this_cpu_profile()
-    if expected is None:
-        pytest.skip("not an x86 CPU with AVX2 or an ARM64 CPU: auto has no profile to pick here")
-    return expected
+    """What ``detect_profile`` makes of this machine's own /proc/cpuinfo text and machine type
+    (the decision itself is tested on the cpuinfo texts above)."""
+    if not CPUINFO.is_file():
+        pytest.skip("no /proc/cpuinfo on this platform")
+    try:
+        return detect_profile(CPUINFO.read_text(encoding="utf-8", errors="replace"), platform.machine())[0]
+    except ConfigError:
+        pytest.skip("auto has no profile to pick on this CPU")
+
+
+def test_cpu_features_read_this_machine():
+    if not CPUINFO.is_file():
+        pytest.skip("no /proc/cpuinfo on this platform")
+    machine, flags = cpu_features()
+    assert machine == platform.machine().lower()
+    first = next((ln for ln in CPUINFO.read_text().splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
+    assert flags == frozenset(first.partition(":")[2].split()) and flags
 
 
 def test_resolve_profile_auto_on_this_machine(this_cpu):
-    name, reason = resolve_profile("auto")
+    name, reason = resolve_profile("auto")  # reads /proc/cpuinfo and platform.machine() itself
     assert name == this_cpu and reason
     assert resolve_profile("cpu-avx2") == ("cpu-avx2", None)
     with pytest.raises(ConfigError, match="choose one of trt, cpu-avx2, cpu-vnni, arm64 or auto"):
@@ -155,27 +159,26 @@ def test_resolve_profile_auto_on_this_machine(this_cpu):
 @pytest.fixture
 def trt_state() -> ScaleState:
     scales = {f"model.layers.{i}.self_attn.{p}": 0.01 * (i + 1) + 0.001 * k for i in range(2) for k, p in enumerate("qkvo")}
-    return ScaleState(QuantConfig(profile="trt", seq_len=64, calib_batches=2, train_steps=3), scales, "0123abcd", "tiny-random-llama",
-                      training={"steps": 3})
+    method = QuantConfig(profile="trt", seq_len=64, calib_batches=2, train_steps=3).to_dict()
+    return ScaleState("trt", scales, "0123abcd", "tiny-random-llama", method=method, training={"steps": 3})
 
 
 def test_with_profile_same_grids(trt_state):
     assert trt_state.with_profile("trt") is trt_state
     for name in ("cpu-vnni", "arm64"):
         moved = trt_state.with_profile(name)
-        assert moved.config.profile == name and moved.config.deploy is PROFILES[name]
+        assert moved.profile == moved.method["profile"] == name and moved.deploy is PROFILES[name]
         assert moved.scales == trt_state.scales
-        assert {k: v for k, v in moved.config.to_dict().items() if k != "profile"} == \
-            {k: v for k, v in trt_state.config.to_dict().items() if k != "profile"}
+        assert quant_config(moved) == dataclasses.replace(quant_config(trt_state), profile=name)
         assert (moved.fingerprint, moved.model_source, moved.training) == (trt_state.fingerprint, trt_state.model_source, {"steps": 3})
-        assert moved.with_profile("trt").config == trt_state.config  # and back
-    assert trt_state.config.profile == "trt"  # the original is untouched
+        assert moved.with_profile("trt") == trt_state  # and back
+    assert trt_state.profile == trt_state.method["profile"] == "trt"  # the original is untouched
 
 
 def test_with_profile_other_weight_grid(trt_state):
     with pytest.raises(StateError, match=r"\(weights \[-127, 127\] vs \[-64, 63\]\): retrain with sasq-train --profile cpu-avx2"):
         trt_state.with_profile("cpu-avx2")
-    avx2 = ScaleState(QuantConfig(profile="cpu-avx2"), dict(trt_state.scales), "0123abcd", "tiny-random-llama")
+    avx2 = ScaleState("cpu-avx2", dict(trt_state.scales), "0123abcd", "tiny-random-llama")
     for name in ("trt", "cpu-vnni", "arm64"):
         with pytest.raises(StateError, match=f"--profile {name}$"):
             avx2.with_profile(name)
@@ -199,7 +202,7 @@ def exported(request, tmp_path_factory):
     windows = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(1))
     prepare(lm.model, cfg)
     calibrate(lm.model, [windows[:1], windows[1:]], cfg)
-    state = ScaleState.from_model(lm.model, cfg, lm.source)
+    state = state_from_model(lm.model, cfg, lm.source)
     res = export_onnx(lm.model, tmp_path_factory.mktemp(profile) / "model.onnx", state=state, tokenizer=lm.tokenizer)
     return profile, lm, state, res, onnx.load(str(res.onnx))
 
@@ -231,7 +234,7 @@ def test_weights_on_the_profile_grid(exported):
         assert (np.abs(w.astype(np.int32)).max(axis=0) == grid.qmax).all(), n.input[0]
         zp = _init(model, n.input[2])
         assert zp.dtype == np.int8 and not zp.any()
-        module = lm.model.get_submodule(n.input[0].removeprefix("model.").removesuffix(".weight_int"))
+        module = lm.model.get_submodule(layer_of(n.input[0]))
         assert np.array_equal(w, module.weight_int.numpy().T)
 
 
@@ -281,9 +284,9 @@ def test_train_profile_auto(tmp_path, data_dir, this_cpu, capsys):
     assert len(announced) == 1 and announced[0].startswith(f"profile auto -> {this_cpu} (")
     assert json.loads(captured.out.strip().splitlines()[-1])["profile"] == this_cpu
     recipe = json.loads((run / "recipe.json").read_text())
-    assert recipe["config"]["profile"] == recipe["deploy"]["profile"] == this_cpu
+    assert recipe["method"]["profile"] == recipe["deploy"]["profile"] == this_cpu
     assert recipe["deploy"]["act"] == {"qmin": -128, "qmax": 127, "zero_point": 128, "dtype": "uint8"}
-    assert ScaleState.load(run).config.deploy is PROFILES[this_cpu]
+    assert ScaleState.load(run).deploy is PROFILES[this_cpu]
 
 
 def test_unknown_profile_exits_2(tmp_path, data_dir, capsys):

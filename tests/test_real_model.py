@@ -14,10 +14,11 @@ from onnx import numpy_helper
 
 from exporters import export_onnx
 from runtime import open_session
+from runtime.data import load_text, make_windows, tokenize
+from runtime.folder import load_tokenizer
 from runtime.parity import compare
 from runtime.perplexity import iter_logits as onnx_logits
 from sasq_edge.config import QuantConfig
-from sasq_edge.data import load_text, make_windows, tokenize
 from sasq_edge.evaluate import iter_logits, perplexity
 from sasq_edge.models import load_model
 from sasq_edge.pipeline import run_sasq
@@ -34,7 +35,8 @@ def sasq_export(smollm2_dir, tmp_path_factory):
     """Calibrate on 2 validation windows, train 2 steps, export: the product path in miniature."""
     lm = load_model(str(smollm2_dir))
     cfg = QuantConfig(seq_len=256, calib_batches=2, train_steps=2, lr=0.01)
-    state, report = run_sasq(lm, cfg, WIKITEXT, progress=False)
+    result = run_sasq(lm, cfg, WIKITEXT, progress=False)
+    state, report = result.state, result.report
     out = tmp_path_factory.mktemp("smollm2") / "model.onnx"
     res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer)
     test = make_windows(tokenize(load_text("test", WIKITEXT), lm.tokenizer), 256, 2)
@@ -47,6 +49,9 @@ def test_real_model_facts(smollm2_dir):
     assert sum(p.numel() for p in lm.model.parameters()) == 134_515_008
     tokens = tokenize(load_text("test", WIKITEXT), lm.tokenizer)
     assert tokens.shape[0] == 304_986  # the protocol's token count (assets README)
+    # the device side tokenizes with the tokenizers library alone: the same ids
+    device = tokenize(load_text("test", WIKITEXT), load_tokenizer(smollm2_dir))
+    assert np.array_equal(device, tokens)
     fp32 = perplexity(lm.model, make_windows(tokens, 512, 2))
     assert 10 < fp32.ppl < 60  # a random model of this vocabulary gives tens of thousands
 
@@ -90,7 +95,7 @@ def test_real_two_layer_parity(smollm2_dir, tmp_path):
     lm = load_model(str(smollm2_dir))
     lm.model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, num_hidden_layers=2).eval()
     cfg = QuantConfig(seq_len=256, calib_batches=2, train_steps=2, lr=0.01, calibration="mse")
-    state, _ = run_sasq(lm, cfg, WIKITEXT, progress=False)
+    state = run_sasq(lm, cfg, WIKITEXT, progress=False).state
     res = export_onnx(lm.model, tmp_path / "model.onnx", state=state, tokenizer=lm.tokenizer)
     assert res.to_dict()["quantize_linear"] == 14
     test = make_windows(tokenize(load_text("test", WIKITEXT), lm.tokenizer), 256, 2)

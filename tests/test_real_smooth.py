@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.data import load_text, make_windows, sample_windows, tokenize
+from runtime.state import ScaleState
 from sasq_edge.baselines import build_method
 from sasq_edge.config import QuantConfig
-from sasq_edge.data import load_text, make_windows, sample_windows, tokenize
 from sasq_edge.evaluate import perplexity
 from sasq_edge.models import load_model
 from sasq_edge.smooth import smooth_model
-from sasq_edge.state import ScaleState
+from sasq_edge.state import apply_state
 
 pytestmark = pytest.mark.real_model
 
@@ -67,10 +68,10 @@ def test_smoothing_keeps_logits_and_tames_the_massive_activations(lm, valid):
 
 def test_committed_best_state_beats_the_static_baselines(lm, valid):
     state = ScaleState.load(BEST_STATE)
-    assert state.config.smooth_learn and len(state.smooth) == 4 * 30
+    assert state.method["smooth_learn"] and len(state.smooth) == 4 * 30
     test = make_windows(tokenize(load_text("test", WIKITEXT), lm.tokenizer), 512, 2)
     sasq = copy.deepcopy(lm.model)
-    state.apply(sasq)
+    apply_state(sasq, state)
     ppl_sasq = perplexity(sasq, test, progress=False).ppl
     ppl_fp32 = perplexity(lm.model, test, progress=False).ppl
     calib = sample_windows(valid, 4, 0)

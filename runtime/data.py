@@ -3,7 +3,8 @@
 Evaluation uses the raw test split only; calibration and scale training use the validation
 split only. Text comes from ``datasets`` when no local folder is given, else from a folder
 holding ``wiki.test.raw`` and ``wiki.valid.tokens`` (``--data-dir`` or ``SASQ_DATA_DIR``).
-Returns numpy arrays and never imports torch, so the ONNX-side commands can use it too.
+Returns numpy arrays and never imports torch, so the device commands can use it too; ``datasets``
+is imported only for the hub path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sasq_edge.errors import DataError
+from runtime.errors import DataError
 
 DATA_DIR_ENV = "SASQ_DATA_DIR"
 SPLITS = {"test": ("wiki.test.raw", "test"), "validation": ("wiki.valid.tokens", "validation")}
@@ -43,7 +44,10 @@ def load_text(split: str, data_dir: str | os.PathLike | None = None) -> str:
     else:
         try:
             import datasets
-
+        except ImportError:
+            raise DataError(f"no local WikiText-2 folder given and the datasets package is not installed: pass --data-dir "
+                            f"or set {DATA_DIR_ENV} to a folder holding wiki.test.raw and wiki.valid.tokens") from None
+        try:
             rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
         except Exception as e:  # the hub is unreachable, or datasets failed: say how to go offline
             raise DataError(
@@ -54,8 +58,14 @@ def load_text(split: str, data_dir: str | os.PathLike | None = None) -> str:
 
 
 def tokenize(text: str, tokenizer) -> np.ndarray:
-    """Token ids of the whole text, as the tokenizer encodes it by default, ``(N,)`` int64."""
-    ids = tokenizer(text, verbose=False)["input_ids"]
+    """Token ids of the whole text, as the tokenizer encodes it by default, ``(N,)`` int64.
+    ``tokenizer``: a transformers tokenizer or a ``tokenizers.Tokenizer`` (the device side)."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        ids = tokenizer.encode(text).ids
+    else:
+        ids = tokenizer(text, verbose=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 
 

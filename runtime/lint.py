@@ -13,19 +13,21 @@ Imports only onnx and numpy, so it can check a file on a machine without torch. 
 without external data: shapes and types are still known, and a check that needs the values of
 an external tensor is skipped for that tensor (our scales and zero points are always inline).
 
-    sasq-lint out/model.onnx [--json]   (the command line: sasq_edge/cli.py)
+    sasq-lint out/model.onnx [--json]   (the command line: sasq_edge/cli/lint.py)
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
+
+from runtime.graph import DEQUANTIZE, MATMULS, QUANTIZE, GraphIndex, attr
 
 OPSET = "opset"
 INT8_TYPE = "int8-type"
@@ -52,10 +54,6 @@ RULES: dict[str, str] = {
 }
 
 MIN_OPSET = 13
-QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
-MATMULS = frozenset({"MatMul", "Gemm"})
-# data-movement ops that break TensorRT's DQ -> MatMul fusion when placed between them
-SHAPE_OPS = frozenset({"Transpose", "Reshape", "Cast", "CastLike", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Expand"})
 # operator-form or dynamic quantization, in any domain (ai.onnx and com.microsoft)
 INTEGER_OPS = frozenset({
     "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "MatMulIntegerToFloat",
@@ -99,157 +97,6 @@ def _dtype_name(t: int | None) -> str:
     return "unknown" if t is None else TensorProto.DataType.Name(t).lower()
 
 
-def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
-    """The value of a ``Constant`` node as a TensorProto (None for sparse or string constants)."""
-    for a in node.attribute:
-        v = helper.get_attribute_value(a)
-        if a.name == "value":
-            return v
-        if a.name in ("value_float", "value_floats"):
-            return numpy_helper.from_array(np.asarray(v, dtype=np.float32), node.output[0])
-        if a.name in ("value_int", "value_ints"):
-            return numpy_helper.from_array(np.asarray(v, dtype=np.int64), node.output[0])
-    return None
-
-
-class _Graph:
-    """Look-up tables over one graph: producers, consumers, constants, known types and shapes."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.model = model
-        self.nodes = list(g.node)
-        self.names = [n.name or f"{n.op_type}#{i}" for i, n in enumerate(self.nodes)]
-        self.producer: dict[str, int] = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
-        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)  # tensor -> [(node index, input position)]
-        for i, n in enumerate(self.nodes):
-            for pos, name in enumerate(n.input):
-                if name:
-                    self.consumers[name].append((i, pos))
-        self.outputs = {o.name for o in g.output}
-        self.inputs = {i.name for i in g.input}
-        self.consts: dict[str, TensorProto] = {t.name: t for t in g.initializer}
-        for n in self.nodes:
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-                t = _constant_tensor(n)
-                if t is not None:
-                    self.consts[n.output[0]] = t
-        self.infos = {v.name: v for v in (*g.input, *g.value_info, *g.output)}
-
-    # --- tensors ---------------------------------------------------------------------------
-
-    def is_const(self, name: str) -> bool:
-        return name in self.consts
-
-    def values(self, name: str) -> np.ndarray | None:
-        """A constant's values; None when not a constant or stored as external data."""
-        t = self.consts.get(name)
-        if t is None or t.data_location == TensorProto.EXTERNAL:
-            return None
-        return numpy_helper.to_array(t)
-
-    def shape(self, name: str) -> tuple[int | None, ...] | None:
-        if name in self.consts:
-            return tuple(self.consts[name].dims)
-        info = self.infos.get(name)
-        if info is None or not info.type.tensor_type.HasField("shape"):
-            return None
-        return tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
-
-    def elem_type(self, name: str) -> int | None:
-        if name in self.consts:
-            return self.consts[name].data_type
-        info = self.infos.get(name)
-        if info is not None and info.type.tensor_type.elem_type:
-            return info.type.tensor_type.elem_type
-        i = self.producer.get(name)
-        if i is not None and self.nodes[i].op_type == QUANTIZE:
-            return self.q_type(self.nodes[i])
-        return None
-
-    def describe(self, name: str) -> str:
-        """Where a tensor comes from, for messages."""
-        if name in self.producer:
-            i = self.producer[name]
-            return f"from {self.nodes[i].op_type} '{self.names[i]}'"
-        if name in self.consts:
-            return "an initializer" if name not in self.inputs else "an initializer that is also a graph input"
-        if name in self.inputs:
-            return "a graph input"
-        return "undefined"
-
-    def producer_op(self, name: str) -> str | None:
-        i = self.producer.get(name)
-        return None if i is None else self.nodes[i].op_type
-
-    # --- Q/DQ ------------------------------------------------------------------------------
-
-    def qdq(self) -> Iterator[tuple[int, onnx.NodeProto]]:
-        for i, n in enumerate(self.nodes):
-            if n.op_type in (QUANTIZE, DEQUANTIZE):
-                yield i, n
-
-    @staticmethod
-    def zero_point(node: onnx.NodeProto) -> str | None:
-        return node.input[2] if len(node.input) > 2 and node.input[2] else None
-
-    def q_type(self, node: onnx.NodeProto) -> int | None:
-        """The integer type a QuantizeLinear produces: its zero point's, else ``output_dtype``,
-        else uint8 (the ONNX default)."""
-        zp = self.zero_point(node)
-        if zp is not None:
-            return self.elem_type(zp)
-        return _attr(node, "output_dtype", 0) or TensorProto.UINT8
-
-    def dq_type(self, node: onnx.NodeProto) -> int | None:
-        zp = self.zero_point(node)
-        return self.elem_type(zp) if zp is not None else self.elem_type(node.input[0])
-
-    def quantized_source(self, node: onnx.NodeProto) -> str:
-        """The real-valued tensor a Q/DQ quantizes: a DQ after a Q looks through to the Q's input."""
-        x = node.input[0]
-        if node.op_type == DEQUANTIZE and self.producer_op(x) == QUANTIZE:
-            return self.nodes[self.producer[x]].input[0]
-        return x
-
-    def is_weight(self, node: onnx.NodeProto) -> bool:
-        return self.is_const(self.quantized_source(node))
-
-    def dq_producer(self, name: str) -> int | None:
-        i = self.producer.get(name)
-        return i if i is not None and self.nodes[i].op_type == DEQUANTIZE else None
-
-    # --- MatMul inputs ---------------------------------------------------------------------
-
-    def matmul_inputs(self, node: onnx.NodeProto) -> list[tuple[str, int | None, int | None]]:
-        """For inputs A and B: ``(kind, dq index, shape-op index)`` with kind ``dq`` (straight from
-        a DequantizeLinear), ``hop`` (DequantizeLinear -> one shape op -> here) or ``float``."""
-        out = []
-        for name in node.input[:2]:
-            dq = self.dq_producer(name)
-            if dq is not None:
-                out.append(("dq", dq, None))
-                continue
-            p = self.producer.get(name)
-            if p is not None and self.nodes[p].op_type in SHAPE_OPS:
-                dq = self.dq_producer(self.nodes[p].input[0])
-                if dq is not None:
-                    out.append(("hop", dq, p))
-                    continue
-            out.append(("float", None, None))
-        return out
-
-    def is_quantized_matmul(self, node: onnx.NodeProto) -> bool:
-        return node.op_type in MATMULS and any(kind != "float" for kind, _, _ in self.matmul_inputs(node))
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _size(shape: tuple[int | None, ...] | None) -> int | None:
     if shape is None or any(d is None for d in shape):
         return None
@@ -263,7 +110,7 @@ def _fmt_values(v: np.ndarray) -> str:
 # --- rules: each yields the violations of one rule ---------------------------------------------
 
 
-def _check_opset(g: _Graph) -> Iterator[Violation]:
+def _check_opset(g: GraphIndex) -> Iterator[Violation]:
     versions = [o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")]
     if not versions:
         yield Violation(OPSET, "opset_import", f"no default-domain opset import: TensorRT needs opset >= {MIN_OPSET}")
@@ -272,7 +119,7 @@ def _check_opset(g: _Graph) -> Iterator[Violation]:
                         f"DequantizeLinear need opset >= {MIN_OPSET}; re-export with a newer opset (we use 21)")
 
 
-def _check_int8_type(g: _Graph) -> Iterator[Violation]:
+def _check_int8_type(g: GraphIndex) -> Iterator[Violation]:
     for i, n in g.qdq():
         zp = g.zero_point(n)
         t = g.q_type(n) if n.op_type == QUANTIZE else g.dq_type(n)
@@ -280,7 +127,7 @@ def _check_int8_type(g: _Graph) -> Iterator[Violation]:
             continue  # unknown type: nothing to say; int32 DQ is a bias, reported by no-bias-dq
         if zp is not None:
             what = f"{_dtype_name(t)} zero point '{zp}'"
-        elif n.op_type == QUANTIZE and _attr(n, "output_dtype", 0):
+        elif n.op_type == QUANTIZE and attr(n, "output_dtype", 0):
             what = f"output_dtype {_dtype_name(t)}"
         elif n.op_type == QUANTIZE:
             what = "no zero point and no output_dtype (QuantizeLinear then produces uint8)"
@@ -291,7 +138,7 @@ def _check_int8_type(g: _Graph) -> Iterator[Violation]:
         yield Violation(INT8_TYPE, g.names[i], f"{what}: TensorRT wants int8; {hint}")
 
 
-def _check_symmetric(g: _Graph) -> Iterator[Violation]:
+def _check_symmetric(g: GraphIndex) -> Iterator[Violation]:
     for i, n in g.qdq():
         zp = g.zero_point(n)
         if zp is None or g.elem_type(zp) != TensorProto.INT8:
@@ -302,7 +149,7 @@ def _check_symmetric(g: _Graph) -> Iterator[Violation]:
                             "symmetric quantization (zero point 0)")
 
 
-def _check_per_tensor_activation(g: _Graph) -> Iterator[Violation]:
+def _check_per_tensor_activation(g: GraphIndex) -> Iterator[Violation]:
     for i, n in g.qdq():
         if g.is_weight(n):
             continue
@@ -318,13 +165,13 @@ def _weight_axis(op: onnx.NodeProto, pos: int, rank: int) -> int | None:
     if op.op_type == "MatMul" and pos == 1:
         return rank - 1  # B is [K, N]
     if op.op_type == "Gemm" and pos == 1:
-        return 0 if _attr(op, "transB", 0) else 1  # B is [N, K] with transB=1, else [K, N]
+        return 0 if attr(op, "transB", 0) else 1  # B is [N, K] with transB=1, else [K, N]
     if op.op_type == "Conv" and pos == 1:
         return 0  # W is [M, C/group, kH, kW]
     return None
 
 
-def _check_per_channel_weight(g: _Graph) -> Iterator[Violation]:
+def _check_per_channel_weight(g: GraphIndex) -> Iterator[Violation]:
     for i, n in g.qdq():
         if n.op_type != DEQUANTIZE or not g.is_weight(n):
             continue
@@ -333,7 +180,7 @@ def _check_per_channel_weight(g: _Graph) -> Iterator[Violation]:
         if w_shape is None or s_shape is None or _size(s_shape) == 1:
             continue  # per-tensor weight scales are allowed
         rank = len(w_shape)
-        axis = _attr(n, "axis", 1)
+        axis = attr(n, "axis", 1)
         found = axis + rank if axis < 0 else axis
         for c, pos in g.consumers[n.output[0]]:
             op = g.nodes[c]
@@ -349,7 +196,7 @@ def _check_per_channel_weight(g: _Graph) -> Iterator[Violation]:
                                 f"{where} needs [{w_shape[need]}], one scale per output channel")
 
 
-def _check_qdq_before_matmul(g: _Graph) -> Iterator[Violation]:
+def _check_qdq_before_matmul(g: GraphIndex) -> Iterator[Violation]:
     for i, n in enumerate(g.nodes):
         if not g.is_quantized_matmul(n):
             continue
@@ -367,7 +214,7 @@ def _check_qdq_before_matmul(g: _Graph) -> Iterator[Violation]:
                                 f"{n.op_type} in INT8 only when both inputs come from DequantizeLinear")
 
 
-def _check_no_bias_dq(g: _Graph) -> Iterator[Violation]:
+def _check_no_bias_dq(g: GraphIndex) -> Iterator[Violation]:
     found: dict[int, str] = {}  # DQ index -> why it is a bias (first reason wins)
     for i, n in g.qdq():
         if n.op_type == DEQUANTIZE and g.elem_type(n.input[0]) == TensorProto.INT32:
@@ -391,7 +238,7 @@ def _check_no_bias_dq(g: _Graph) -> Iterator[Violation]:
                         "initializer and drop its DequantizeLinear")
 
 
-def _check_no_dynamic_quant(g: _Graph) -> Iterator[Violation]:
+def _check_no_dynamic_quant(g: GraphIndex) -> Iterator[Violation]:
     for i, n in enumerate(g.nodes):
         if n.op_type in INTEGER_OPS:
             yield Violation(NO_DYNAMIC_QUANT, g.names[i], f"{n.domain or 'ai.onnx'}::{n.op_type} is dynamic or "
@@ -399,7 +246,7 @@ def _check_no_dynamic_quant(g: _Graph) -> Iterator[Violation]:
                             "export static QDQ")
 
 
-def _check_constant_positive_scale(g: _Graph) -> Iterator[Violation]:
+def _check_constant_positive_scale(g: GraphIndex) -> Iterator[Violation]:
     for i, n in g.qdq():
         scale = n.input[1]
         if not g.is_const(scale):
@@ -416,7 +263,7 @@ def _check_constant_positive_scale(g: _Graph) -> Iterator[Violation]:
                             f"value(s) not finite and > 0 (first {v.ravel()[first]:g} at index {first})")
 
 
-def _same_values(g: _Graph, a: str | None, b: str | None) -> bool | None:
+def _same_values(g: GraphIndex, a: str | None, b: str | None) -> bool | None:
     """Whether two scale or zero-point inputs hold equal values (a missing zero point is 0);
     None when that cannot be told (non-constant or external)."""
     if a == b:
@@ -433,7 +280,7 @@ def _same_values(g: _Graph, a: str | None, b: str | None) -> bool | None:
     return bool(np.all((va == vb) | (np.isnan(va) & np.isnan(vb))))  # a scalar broadcasts over per-channel values
 
 
-def _check_qdq_pair(g: _Graph) -> Iterator[Violation]:
+def _check_qdq_pair(g: GraphIndex) -> Iterator[Violation]:
     for i, q in g.qdq():
         if q.op_type != QUANTIZE:
             continue
@@ -455,7 +302,7 @@ def _check_qdq_pair(g: _Graph) -> Iterator[Violation]:
                 diffs.append(f"zero point '{g.zero_point(dq)}', not '{g.zero_point(q)}'")
             if _size(g.shape(q.input[1])) not in (1, None):
                 rank = len(g.shape(q.input[0]) or ())
-                aq, adq = _attr(q, "axis", 1), _attr(dq, "axis", 1)
+                aq, adq = attr(q, "axis", 1), attr(dq, "axis", 1)
                 if rank:
                     aq, adq = aq % rank, adq % rank
                 if aq != adq:
@@ -479,7 +326,7 @@ _CHECKS = (
 )
 
 
-def _counts(g: _Graph) -> dict[str, int]:
+def _counts(g: GraphIndex) -> dict[str, int]:
     ops = Counter(n.op_type for n in g.nodes)
     return {
         "nodes": len(g.nodes),
@@ -495,7 +342,7 @@ def lint(model: onnx.ModelProto | str | os.PathLike) -> LintReport:
     """Check ``model`` (a ModelProto or a path) against every rule in ``RULES``."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model), load_external_data=False)
-    g = _Graph(model)
+    g = GraphIndex(model)
     violations = [v for check in _CHECKS for v in check(g)]
     return LintReport(violations, _counts(g))
 

@@ -1,0 +1,76 @@
+"""What an export folder holds beside ``model.onnx``, read without torch or transformers:
+``config.json`` (context length), ``tokenizer.json`` (through the ``tokenizers`` library, the same
+fast tokenizer transformers wraps) and ``generation_config.json`` (end-of-sequence ids)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from runtime.errors import RuntimeSetupError
+
+CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE = "config.json", "tokenizer.json", "generation_config.json"
+
+
+def folder_config(onnx_path: str | os.PathLike) -> dict:
+    """``config.json`` beside the model, or ``{}`` when there is none."""
+    cfg = Path(onnx_path).parent / CONFIG_FILE
+    if not cfg.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise RuntimeSetupError(f"{cfg} is not a JSON object: re-export the folder with sasq-export")
+    return data
+
+
+def max_positions(onnx_path: str | os.PathLike) -> int | None:
+    value = folder_config(onnx_path).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def load_tokenizer(folder: str | os.PathLike, override: str | None = None):
+    """The ``tokenizers.Tokenizer`` of an export folder, or of ``override`` (a folder, a
+    ``tokenizer.json`` file, or a hub id)."""
+    from tokenizers import Tokenizer
+
+    if override is not None:
+        src = Path(override).expanduser()
+        path = src / TOKENIZER_FILE if src.is_dir() else src
+        if not path.is_file():
+            if src.exists() or str(override).startswith((".", "/", "~")):
+                raise RuntimeSetupError(f"no {TOKENIZER_FILE} at {src}: pass a folder holding {TOKENIZER_FILE}, the file, or a hub id")
+            try:
+                return Tokenizer.from_pretrained(str(override))
+            except Exception as e:  # tokenizers raises a bare Exception when the hub is unreachable
+                raise RuntimeSetupError(f"could not load a tokenizer for {override!r} ({str(e).splitlines()[0][:200]}): "
+                                        f"pass a folder holding {TOKENIZER_FILE}") from None
+    else:
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file():
+            raise RuntimeSetupError(f"no {TOKENIZER_FILE} beside the model in {folder}: re-export the folder with sasq-export, "
+                                    "or pass --tokenizer FOLDER")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise RuntimeSetupError(f"{path} is not a readable tokenizer ({str(e).splitlines()[0][:200]}): re-export the folder") from None
+
+
+def eos_ids(onnx_path: str | os.PathLike) -> tuple[int, ...]:
+    """End-of-sequence ids: ``generation_config.json``'s, else ``config.json``'s."""
+    folder = Path(onnx_path).parent
+    ids = folder_config(onnx_path).get("eos_token_id")
+    gen = folder / GENERATION_FILE
+    if gen.is_file():
+        try:
+            data = json.loads(gen.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RuntimeSetupError(f"{gen} is not valid JSON: re-export the folder with sasq-export") from None
+        if isinstance(data, dict):
+            ids = data.get("eos_token_id", ids)
+    if ids is None:
+        return ()
+    return tuple(int(i) for i in ids) if isinstance(ids, list) else (int(ids),)

@@ -1,0 +1,102 @@
+"""sasq-baseline: WikiText-2 test perplexity of one baseline SASQ is measured against."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runtime.errors import ConfigError
+from sasq_edge.cli import recipe
+from sasq_edge.cli.common import add_data_args, add_model_args, add_runtime_args, emit, entry, eval_windows, parser
+
+ORT_METHODS = ("ort-minmax", "ort-percentile", "ort-entropy")
+
+
+def _baseline(argv: list[str] | None) -> int:
+    from sasq_edge.baselines import METHODS
+
+    p = parser(
+        "sasq-baseline",
+        "WikiText-2 test perplexity of one baseline SASQ is measured against, on the same windows and calibration text.",
+        epilog="methods:\n"
+        "  fp32, fp16         the float model (fp16 on a GPU or a CPU with AVX512-FP16)\n"
+        "  naive              static W8A8, absmax per-tensor activation scales, no training\n"
+        "  percentile, mse    static PTQ with percentile / MSE-optimal clipping\n"
+        "  smoothquant        SmoothQuant static per-tensor: factors folded into RMSNorm / linears,\n"
+        "                     alpha searched on held-out validation windows unless --smooth-alpha is given\n"
+        "  dynamic            per-token absmax activation scales at run time (accuracy reference)\n"
+        "  ort-minmax, ort-percentile, ort-entropy\n"
+        "                     ONNX Runtime quantize_static (QDQ, u8 activations, s8 per-channel weights)\n"
+        "                     on a float export (sasq-export --float); evaluated on ONNX Runtime",
+    )
+    p.add_argument("method", help=f"{', '.join(METHODS)}, {', '.join(ORT_METHODS)}")
+    add_model_args(p, required=False)
+    add_data_args(p)
+    recipe.add_train_args(p)
+    p.add_argument("--float-onnx", help="ort-*: the float export to quantize (sasq-export --float)")
+    p.add_argument("--out", help="ort-*: where to write the quantized .onnx")
+    p.add_argument("--calib-seq-len", type=int, default=512,
+                   help="ort-*: tokens per calibration window (ORT keeps every window's tensors in memory)")
+    p.add_argument("--ort-percentile", type=float, default=99.999, help="ort-percentile: ORT's CalibPercentile (default %(default)s)")
+    add_runtime_args(p, provider=False)  # ort-*: ONNX Runtime runs on the CPU
+    args = p.parse_args(argv)
+    if args.method in ORT_METHODS:
+        return _baseline_ort(args)
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown baseline {args.method!r}: choose one of {', '.join(METHODS + ORT_METHODS)}")
+    if not args.model:
+        raise ConfigError(f"{args.method} needs --model (hub id, folder, .gguf or tiny-random-llama)")
+    import dataclasses
+
+    from runtime.data import load_text, make_windows, sample_windows, tokenize
+    from sasq_edge.baselines import build_method
+    from sasq_edge.evaluate import perplexity
+    from sasq_edge.models import load_model
+    from sasq_edge.pipeline import hold_out, training_windows
+
+    config = dataclasses.replace(recipe.config(args), train_steps=0, smooth_learn=False)
+    device = recipe.device(args)
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    lm.model.to(device)
+    windows = training_windows(lm, config, args.data_dir)
+    select = None
+    if args.method == "smoothquant" and config.smooth_alpha in (None, "auto"):
+        windows, select = hold_out(windows)
+    calib = sample_windows(windows, config.calib_batches, config.seed)
+    model, info = build_method(lm.model, args.method, config, calib, select)
+    test = make_windows(tokenize(load_text("test", args.data_dir), lm.tokenizer), config.seq_len, args.max_windows)
+    res = perplexity(model, test, desc=args.method)
+    out = {**info, **res.to_dict()}
+    extra = f", alpha {info['alpha']}" if "alpha" in info else ""
+    emit(args, f"{args.method}: perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens{extra}", out)
+    return 0
+
+
+def _baseline_ort(args: argparse.Namespace) -> int:
+    from exporters.ort_static import quantize_static_baseline
+    from runtime.data import load_text, make_windows, sample_windows, tokenize
+    from runtime.folder import load_tokenizer
+    from runtime.perplexity import perplexity
+    from runtime.session import open_session
+
+    if not args.float_onnx or not args.out:
+        raise ConfigError(f"{args.method} needs --float-onnx (from sasq-export --float) and --out (the quantized .onnx)")
+    if not str(args.out).endswith(".onnx"):
+        raise ConfigError(f"--out {args.out} must end in .onnx")
+    src = Path(args.float_onnx)
+    if not src.is_file():
+        raise ConfigError(f"{src} not found: export the float model first with sasq-export --float")
+    open_session(src, ["cpu"], args.threads)  # a corrupt or foreign file fails here, before calibration
+    tokenizer = load_tokenizer(src.parent)
+    valid = tokenize(load_text("validation", args.data_dir), tokenizer)
+    calib = sample_windows(make_windows(valid, args.calib_seq_len), args.calib_batches, args.seed)
+    build = quantize_static_baseline(src, args.out, calib, args.method.removeprefix("ort-"), percentile=args.ort_percentile)
+    sess = open_session(args.out, ["cpu"], args.threads)
+    windows = eval_windows(args, Path(args.out), tokenizer)
+    res = perplexity(sess, windows)
+    emit(args, f"{args.method}: perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens -> {args.out}",
+         {**build, **res.to_dict(), "onnx": str(args.out)})
+    return 0
+
+
+main = entry("sasq-baseline", _baseline)

@@ -1,0 +1,46 @@
+"""sasq-export: write a static INT8 QDQ ONNX folder (calibrating and training first unless
+``--scales`` names a trained state)."""
+
+from __future__ import annotations
+
+from runtime.errors import ConfigError
+from sasq_edge.cli import recipe
+from sasq_edge.cli.common import add_data_args, add_model_args, emit, entry, parser
+
+
+def _export(argv: list[str] | None) -> int:
+    p = parser("sasq-export", "Export a static INT8 QDQ ONNX model (calibrating and training first unless --scales is given).")
+    p.add_argument("onnx", help="output path, e.g. out/model.onnx; the folder also gets config, tokenizer and scales")
+    add_model_args(p, required=True)
+    p.add_argument("--scales", help="folder written by sasq-train (skip calibration and training)")
+    p.add_argument("--float", action="store_true", help="export the unquantized float model (reference)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="export (input_ids, attention_mask) -> logits only, without past_key_values inputs and present outputs")
+    add_data_args(p)
+    recipe.add_train_args(p)
+    args = p.parse_args(argv)
+    from exporters import export_onnx
+    from runtime.state import ScaleState
+    from sasq_edge.models import load_model
+    from sasq_edge.state import apply_state
+
+    if args.float and args.scales:
+        raise ConfigError("--float exports the unquantized model: drop --scales, or drop --float")
+    if not str(args.onnx).endswith(".onnx"):
+        raise ConfigError(f"output {args.onnx} must end in .onnx, e.g. out/model.onnx")
+    state = ScaleState.load(args.scales) if args.scales else None  # fail on a bad folder before loading the model
+    if state is not None and args.profile is not None:
+        state = state.with_profile(recipe.profile(args))
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if state is not None:
+        apply_state(lm.model, state)
+    elif not args.float:
+        state = recipe.run(lm, args, recipe.config(args)).state
+    res = export_onnx(lm.model, args.onnx, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache)
+    d = res.to_dict()
+    emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
+         f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)
+    return 0
+
+
+main = entry("sasq-export", _export)

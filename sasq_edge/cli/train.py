@@ -1,0 +1,33 @@
+"""sasq-train: calibrate and train the activation scales of a model; write the scale state."""
+
+from __future__ import annotations
+
+from sasq_edge.cli import recipe
+from sasq_edge.cli.common import add_data_args, add_model_args, emit, entry, parser
+
+
+def _train(argv: list[str] | None) -> int:
+    p = parser("sasq-train", "Calibrate and train the activation scales of a model; write scales.safetensors + recipe.json.")
+    p.add_argument("run_dir", help="output folder for the scale state")
+    add_model_args(p, required=True)
+    add_data_args(p)
+    recipe.add_train_args(p)
+    args = p.parse_args(argv)
+    from sasq_edge.models import load_model
+
+    cfg = recipe.config(args)
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    result = recipe.run(lm, args, cfg)
+    state, report = result.state, result.report
+    state.save(args.run_dir)
+    factors = sum(v.size for v in state.smooth.values())
+    what = f"{len(state.scales)} activation scales"
+    if factors:
+        what += f" and {factors} smoothing factors" if cfg.smooth_learn else f" ({factors} smoothing factors folded)"
+    emit(args, f"trained {what} in {report.steps} steps ({report.tokens} tokens, {report.wall_s:.1f} s) -> {args.run_dir}",
+         {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **report.summary(),
+          "smoothing_factors": factors, "smooth_alpha": state.method.get("smooth_alpha")})
+    return 0
+
+
+main = entry("sasq-train", _train)
