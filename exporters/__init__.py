@@ -4,6 +4,6 @@ Imports torch, onnx and ``runtime``; never the method (``sasq_edge``) or the com
 """
 
 from exporters.lowering import ExportError
-from exporters.onnx_export import ExportResult, export_onnx
+from exporters.onnx_export import ExportResult, export_onnx, output_folder
 
-__all__ = ["ExportError", "ExportResult", "export_onnx"]
+__all__ = ["ExportError", "ExportResult", "export_onnx", "output_folder"]

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +27,11 @@ from torch import nn
 
 from exporters.lowering import ExportError, lowered
 from exporters.passes import op_counts, pretranspose_int8_weights, rename_initializers, set_metadata
+from runtime.folder import COMPANION_FILES, CONFIG_FILE, manifest
 from runtime.graph import WEIGHT_SUFFIX, GraphIndex, cache_names, weight_name, weight_scale_name
-from runtime.io import atomic_path
+from runtime.io import OutputFolder, checkpoint
 from runtime.layout import AttentionLayout
-from runtime.metadata import META_VERSION, deploy_metadata
+from runtime.metadata import META_FILES, META_VERSION, META_WEIGHTS, deploy_metadata
 from runtime.state import ScaleState
 from runtime.version import __version__
 
@@ -148,8 +153,11 @@ def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int 
     module, example, input_names, output_names, dyn = _export_args(model, kv_cache)
     was_training = model.training
     lowering = lowered(model, state) if state is not None else contextlib.nullcontext()
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # its "torchvision is not installed" lines read like errors
     try:
-        with lowering, torch.no_grad(), warnings.catch_warnings():
+        with lowering as digest, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # the exporter narrates each stage on stdout; keep stdout for our summary and JSON line
             with contextlib.redirect_stdout(io.StringIO()):
@@ -165,11 +173,38 @@ def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int 
                 )
     finally:
         model.train(was_training)
+        onnx_log.setLevel(level)
     proto = program.model_proto
     if state is not None:
         proto = pretranspose_int8_weights(proto)
         proto = rename_initializers(proto, _quantized_names(proto, state))
+        proto = set_metadata(proto, {META_WEIGHTS: digest})
     return proto
+
+
+def output_folder(out_path: str | os.PathLike) -> OutputFolder:
+    """The export folder of ``out_path`` as one unit: lock it (``.lock()``) before a long run so a
+    second run fails at once, then write it (``with``)."""
+    out_path = Path(out_path)
+    return OutputFolder(out_path.parent, own_files=(*COMPANION_FILES, out_path.name, out_path.name + ".data"),
+                        last=out_path.name)
+
+
+class _Stages:
+    """One line per export stage on stderr, with its time: a 30-layer model traces for minutes."""
+
+    def __init__(self, enabled: bool, total: int = 4) -> None:
+        self.enabled, self.total, self.n, self.t0 = enabled, total, 0, 0.0
+
+    def start(self, what: str) -> None:
+        self.n += 1
+        self.t0 = time.perf_counter()
+        if self.enabled:
+            print(f"export [{self.n}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+
+    def done(self, what: str) -> None:
+        if self.enabled:
+            print(f"export [{self.n}/{self.total}] {what} in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def export_onnx(
@@ -180,44 +215,62 @@ def export_onnx(
     tokenizer=None,
     opset: int = OPSET,
     kv_cache: bool = True,
+    progress: bool = False,
 ) -> ExportResult:
     """Write ``out_path`` (``.../model.onnx``) and, beside it, ``config.json``, the tokenizer files
     and (for a quantized model) the scale state, so the folder alone can be evaluated and
     validated. ``state`` decides what is quantized and how (profile, scales); ``model`` holds
     the float weights it was trained with and is not changed. With ``kv_cache`` (the default) the
     graph takes and returns the KV cache (``_WithCache``), otherwise it maps
-    ``(input_ids, attention_mask)`` to logits only. The ``.onnx`` file is written last and atomically.
+    ``(input_ids, attention_mask)`` to logits only. ``progress`` prints each stage on stderr.
+
+    The folder is written as one unit (``runtime.io.OutputFolder``): every file is staged beside
+    it and put in place only when all are written and the ONNX file passed ``onnx.checker``, so a
+    failed or killed export leaves the previous folder as it was. The ONNX metadata records a
+    digest of each file beside it (``sasq.files``), which every command checks before use.
     """
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise ExportError(f"output {out_path} must end in .onnx, e.g. out/model.onnx")
+    if out_path.is_dir():
+        raise ExportError(f"{out_path} is a folder: name the .onnx file inside it, e.g. {out_path / 'model.onnx'}")
+    stages = _Stages(progress)
+    stages.start("tracing with torch.onnx (dynamo): about a minute per 15 decoder layers on 2 CPU cores")
     proto = to_onnx_proto(model, state, opset, kv_cache)
+    stages.done("traced")
+    checkpoint("traced")
     props = {META_VERSION: __version__}
     if state is not None:
         props = deploy_metadata(state.deploy, __version__)
-    proto = set_metadata(proto, props)
-    proto.producer_name, proto.producer_version = "sasq-edge", __version__
     external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-
-    folder = out_path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.to_json_file(str(folder / "config.json"))
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:  # eos ids for sasq-generate and optimum's generate()
-        generation_config.save_pretrained(str(folder))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    if state is not None:
-        state.save(folder)
-    with atomic_path(out_path) as tmp:
+    with output_folder(out_path) as stage:
+        stages.start(f"writing the folder's files into {stage.name}")
+        model.config.to_json_file(str(stage / CONFIG_FILE))
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:  # eos ids for sasq-generate and optimum's generate()
+            generation_config.save_pretrained(str(stage))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(stage))
+        if state is not None:
+            state.write_files(stage)
+        props[META_FILES] = json.dumps(manifest(stage, [p.name for p in stage.iterdir()]))
+        proto = set_metadata(proto, props)
+        proto.producer_name, proto.producer_version = "sasq-edge", __version__
+        stages.done("wrote config, tokenizer and scales")
+        stages.start(f"saving {out_path.name}" + (" with external data" if external else ""))
+        staged = stage / out_path.name
         if external:
-            # the weights file lands beside the final path; the .onnx that names it is atomic
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, location=out_path.name + ".data")
+            onnx.save_model(proto, str(staged), save_as_external_data=True, location=out_path.name + ".data")
         else:
-            onnx.save_model(proto, str(tmp))
-        onnx.checker.check_model(str(tmp))  # by path: works for external data too
-        onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp) + ".shapes")
-        os.remove(str(tmp) + ".shapes")
+            onnx.save_model(proto, str(staged))
+        stages.done("saved")
+        stages.start("checking the file (onnx.checker, shape inference)")
+        onnx.checker.check_model(str(staged))  # by path: works for external data too
+        onnx.shape_inference.infer_shapes_path(str(staged), str(stage / ".shapes.onnx"))
+        os.remove(stage / ".shapes.onnx")
+        stages.done("checked")
+        checkpoint("staged")
+    folder = out_path.parent
     size = out_path.stat().st_size + ((folder / (out_path.name + ".data")).stat().st_size if external else 0)
     counts = dict(op_counts(proto))
     return ExportResult(out_path, size, state.profile if state else None, counts, external)

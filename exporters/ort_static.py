@@ -82,11 +82,26 @@ def quantize_static_baseline(
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[calibrator], nodes_to_quantize=nodes,
                         extra_options={"CalibPercentile": percentile} if calibrator == "percentile" else {})
+        _drop_file_digests(tmp)
     return {"calibrator": calibrator, "per_channel": per_channel, "reduce_range": reduce_range,
             "calibration_windows": int(len(windows)), "seq_len": int(np.asarray(windows).shape[1]),
             "quantized_matmuls": len(nodes) if nodes is not None else "all",
             "quantize_static_s": round(time.perf_counter() - t0, 1),
             **({"percentile": percentile} if calibrator == "percentile" else {})}
+
+
+def _drop_file_digests(path: Path) -> None:
+    """quantize_static copies the float export's metadata, whose file digests describe the float
+    export's folder, not this file's: drop them."""
+    import onnx
+
+    from runtime.metadata import META_FILES
+
+    model = onnx.load(str(path))
+    keep = [p for p in model.metadata_props if p.key != META_FILES]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    onnx.save(model, str(path))
 
 
 def weight_matmuls(model_path: str | os.PathLike) -> list[str]:

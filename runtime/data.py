@@ -30,6 +30,26 @@ def _rows_from_lines(lines: list[str]) -> list[str]:
     return [line + "\n" if line.strip() else "" for line in lines]
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file, or a one-line error that says where it is not text."""
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise DataError(f"no permission to read {path}: check its permissions") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not a text file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): convert it to UTF-8, "
+                        "or pass a text file") from None
+    if "\x00" in text:
+        raise DataError(f"{path} holds NUL bytes: it is a binary file, not text") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty: it holds no text to evaluate or calibrate on")
+    return text
+
+
 def load_text(split: str, data_dir: str | os.PathLike | None = None) -> str:
     """The evaluation (``test``) or training (``validation``) text, rows joined with ``"\\n\\n"``."""
     if split not in SPLITS:
@@ -40,7 +60,7 @@ def load_text(split: str, data_dir: str | os.PathLike | None = None) -> str:
         path = folder / filename
         if not path.is_file():
             raise DataError(f"{path} not found: --data-dir / {DATA_DIR_ENV} must name a folder holding {filename}")
-        rows = _rows_from_lines(path.read_text(encoding="utf-8").splitlines())
+        rows = _rows_from_lines(read_text_file(path).splitlines())
     else:
         try:
             import datasets
@@ -74,6 +94,8 @@ def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = Non
     if seq_len < 2:
         raise DataError(f"seq_len={seq_len} must be at least 2 to predict a token")
     n = tokens.shape[0] // seq_len
+    if tokens.shape[0] == 0:
+        raise DataError("the text gives no tokens: check the data file")
     if n == 0:
         raise DataError(f"the text has {tokens.shape[0]} tokens, fewer than seq_len={seq_len}: use a shorter --seq-len")
     if max_windows is not None:

@@ -1,16 +1,63 @@
 """What an export folder holds beside ``model.onnx``, read without torch or transformers:
 ``config.json`` (context length), ``tokenizer.json`` (through the ``tokenizers`` library, the same
-fast tokenizer transformers wraps) and ``generation_config.json`` (end-of-sequence ids)."""
+fast tokenizer transformers wraps) and ``generation_config.json`` (end-of-sequence ids).
+
+The ONNX file records a sha256 of every file exported beside it (``sasq.files``); ``check_folder``
+refuses a folder whose files no longer belong together (a re-export killed halfway, a scale file
+copied in from another run), naming the file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from runtime.errors import RuntimeSetupError
+from runtime.metadata import META_FILES
 
 CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE = "config.json", "tokenizer.json", "generation_config.json"
+# every file an export may write beside the ONNX file (and the engine cache TensorRT adds there)
+COMPANION_FILES = (CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "recipe.json", "scales.safetensors", "genai_config.json", "trt_cache")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
+
+
+def manifest(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
+    """``{name: digest}`` of the named files in ``folder`` (the ones that exist)."""
+    folder = Path(folder)
+    return {n: file_digest(folder / n) for n in sorted(names) if (folder / n).is_file()}
+
+
+def check_folder(onnx_path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """Refuse a folder whose files are not the ones exported with ``onnx_path`` (``meta`` is its
+    metadata). Files the export did not write are not looked at; a foreign ONNX file without
+    ``sasq.files`` is not checked."""
+    if META_FILES not in meta:
+        return
+    path = Path(onnx_path)
+    try:
+        files = json.loads(meta[META_FILES])
+    except json.JSONDecodeError:
+        files = None
+    if not isinstance(files, dict):
+        raise RuntimeSetupError(f"{path}: metadata {META_FILES} is damaged: re-export the folder with sasq-export")
+    for name, digest in sorted(files.items()):
+        f = path.parent / name
+        if not f.is_file():
+            raise RuntimeSetupError(f"{f} is missing: {path.name} was exported with it; re-export the folder with sasq-export")
+        if file_digest(f) != digest:
+            raise RuntimeSetupError(f"{f} does not belong to {path.name} (it is not the file exported with it: a re-export "
+                                    "stopped halfway, or it was replaced): re-export the folder with sasq-export")
 
 
 def folder_config(onnx_path: str | os.PathLike) -> dict:

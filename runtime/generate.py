@@ -7,6 +7,7 @@ Greedy when ``temperature == 0``; otherwise softmax sampling with optional top-k
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +30,11 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise RuntimeSetupError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise RuntimeSetupError(f"temperature={self.temperature} must be 0 (greedy) or positive")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RuntimeSetupError(f"temperature={self.temperature} must be 0 (greedy) or a finite positive number")
         if self.top_k < 0:
             raise RuntimeSetupError(f"top_k={self.top_k} must be 0 (off) or positive")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise RuntimeSetupError(f"top_p={self.top_p} must lie in (0, 1]")
 
 

@@ -16,6 +16,8 @@ META_FORMAT = "sasq.format"
 META_VERSION = "sasq.version"
 META_PROFILE = "sasq.profile"
 META_SESSION_OPTIONS = "sasq.session_options"
+META_FILES = "sasq.files"  # JSON {file name: sha256} of the files exported beside the model
+META_WEIGHTS = "sasq.weights"  # runtime.state.weights_digest of the INT8 weights in the graph
 FORMAT_TAG = "sasq-edge-onnx-1"
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import RuntimeSetupError
+from runtime.folder import check_folder
 from runtime.graph import PAST_PREFIX, PRESENT_PREFIX
 from runtime.metadata import META_PROFILE, read_metadata, session_config
 
@@ -154,7 +155,10 @@ def session_options(path: str | os.PathLike, threads: int | None = None, meta: d
 def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("cpu",), threads: int | None = None) -> LMSession:
     """Open ``path`` on the given providers with the session options its metadata asks for."""
     path = Path(path)
+    if threads is not None and threads < 1:
+        raise RuntimeSetupError(f"threads={threads} must be at least 1 (or None for all cores)")
     meta = read_metadata(path)
+    check_folder(path, meta)
     so = session_options(path, threads, meta)
     ort_providers = provider_options(resolve_providers(list(providers)), path, quantized=META_PROFILE in meta)
     try:

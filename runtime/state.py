@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ConfigError, StateError
-from runtime.io import atomic_path, atomic_write_text
+from runtime.io import OutputFolder, atomic_path, atomic_write_text, checkpoint
 from runtime.profiles import DeployProfile, get_profile
 
 FORMAT = "sasq-scale-state"
@@ -150,14 +150,24 @@ class ScaleState:
         out.update({n + _SMOOTH: np.ascontiguousarray(v, dtype=np.float32) for n, v in self.smooth.items()})
         return out
 
-    def save(self, run_dir: str | os.PathLike) -> Path:
+    def write_files(self, folder: str | os.PathLike) -> list[str]:
+        """Write ``scales.safetensors`` and ``recipe.json`` into an existing ``folder`` (each file
+        atomically); returns their names."""
         from safetensors.numpy import save_file
 
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / SCALES_FILE) as tmp:
+        folder = Path(folder)
+        with atomic_path(folder / SCALES_FILE) as tmp:
             save_file(self.tensors(), str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        atomic_write_text(run_dir / RECIPE_FILE, json.dumps(self.recipe(), indent=2) + "\n")
+        atomic_write_text(folder / RECIPE_FILE, json.dumps(self.recipe(), indent=2) + "\n")
+        return [SCALES_FILE, RECIPE_FILE]
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        """Write the run folder as one unit (``runtime.io.OutputFolder``): a failed or killed save
+        leaves the previous folder as it was."""
+        run_dir = Path(run_dir)
+        with OutputFolder(run_dir, own_files=(SCALES_FILE, RECIPE_FILE)) as stage:
+            self.write_files(stage)
+            checkpoint("state-staged")
         return run_dir
 
     @classmethod
@@ -172,6 +182,8 @@ class ScaleState:
                 raise StateError(f"{p} not found: pass the folder written by sasq-train (it holds {RECIPE_FILE} and {SCALES_FILE})")
         try:
             recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+        except PermissionError:
+            raise StateError(f"no permission to read {recipe_path}: check its permissions") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StateError(f"{recipe_path} is not valid JSON ({e}): rewrite it with sasq-train") from None
         if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
@@ -195,7 +207,11 @@ class ScaleState:
         except (KeyError, TypeError) as e:
             raise StateError(f"{recipe_path} lacks the field {e}: rewrite it with sasq-train") from None
         try:
+            with open(scales_path, "rb"):  # safetensors reports a permission error as a missing file
+                pass
             tensors = load_file(str(scales_path))
+        except PermissionError:
+            raise StateError(f"no permission to read {scales_path}: check its permissions") from None
         except (SafetensorError, OSError, ValueError) as e:
             raise StateError(f"{scales_path} is not a readable safetensors file ({e}): rewrite it with sasq-train") from None
         scales = {k[: -len(_SCALE)]: float(v) for k, v in tensors.items() if k.endswith(_SCALE)}

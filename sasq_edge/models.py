@@ -4,6 +4,7 @@ the built-in ``tiny-random-llama`` preset (seeded, offline, for tests and quick 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,28 @@ def _check_causal(config, spec: str) -> None:
         )
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a whole GGUF file (a cut download) before transformers reads it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf model file")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as e:  # the reader fails with ValueError/IndexError/... on a cut file
+        raise ModelLoadError(f"{path} is not a complete GGUF file ({type(e).__name__} while reading its tensor table): "
+                             "it is truncated or damaged; download it again") from None
+    size = path.stat().st_size
+    if end > size:
+        raise ModelLoadError(f"{path} is truncated: its tensors end at byte {end}, the file has {size}: download it again")
+
+
 def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
     """Load ``spec`` in float32, in eval mode, with its tokenizer."""
     if spec == TINY_PRESET:
@@ -85,13 +108,15 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} not found: check the path")
+        check_gguf(path)
         source, kwargs["gguf_file"] = str(path.resolve().parent), path.name
         spec = str(path.resolve())
     elif path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model folder, a .gguf file or a hub id")
         source = spec = str(path.resolve())
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec:
+    elif (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
+          or ("/" in spec and Path(spec.split("/")[0]).is_dir())):  # "runs/model" with runs/ here: a path
         raise ModelLoadError(f"model folder {path} not found: check the path, or pass a hub id such as HuggingFaceTB/SmolLM2-135M")
     else:
         source = spec  # a hub id
@@ -100,7 +125,13 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
         _check_causal(config, spec)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"refused to unpickle the weights of {spec!r}: the pickle holds objects other than tensors, and "
+                             "sasq-edge loads pickled checkpoints only with weights_only=True; convert it to safetensors") from None
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if source == spec and not path.exists():  # neither a local folder nor a model the hub gave us
+            raise ModelLoadError(f"{spec!r} is not a local folder or file (nothing at {path.absolute()}), and loading it "
+                                 f"as a hub id failed ({first[:160]}): check the path, or the hub id and the network") from None
         raise ModelLoadError(f"could not load model {spec!r}: {first}") from None
     return LoadedModel(model.eval(), tokenizer, spec)

@@ -7,7 +7,17 @@ from pathlib import Path
 
 from runtime.errors import ConfigError
 from sasq_edge.cli import recipe
-from sasq_edge.cli.common import add_data_args, add_model_args, add_runtime_args, emit, entry, eval_windows, parser
+from sasq_edge.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_runtime_args,
+    emit,
+    entry,
+    eval_windows,
+    float_in,
+    int_at_least,
+    parser,
+)
 
 ORT_METHODS = ("ort-minmax", "ort-percentile", "ort-entropy")
 
@@ -35,9 +45,10 @@ def _baseline(argv: list[str] | None) -> int:
     recipe.add_train_args(p)
     p.add_argument("--float-onnx", help="ort-*: the float export to quantize (sasq-export --float)")
     p.add_argument("--out", help="ort-*: where to write the quantized .onnx")
-    p.add_argument("--calib-seq-len", type=int, default=512,
+    p.add_argument("--calib-seq-len", type=int_at_least(2), default=512,
                    help="ort-*: tokens per calibration window (ORT keeps every window's tensors in memory)")
-    p.add_argument("--ort-percentile", type=float, default=99.999, help="ort-percentile: ORT's CalibPercentile (default %(default)s)")
+    p.add_argument("--ort-percentile", type=float_in(0, 100, low_open=True), default=99.999,
+                   help="ort-percentile: ORT's CalibPercentile (default %(default)s)")
     add_runtime_args(p, provider=False)  # ort-*: ONNX Runtime runs on the CPU
     args = p.parse_args(argv)
     if args.method in ORT_METHODS:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from runtime.errors import ConfigError
+from runtime.io import preflight
 from sasq_edge.cli import recipe
 from sasq_edge.cli.common import add_data_args, add_model_args, emit, entry, parser
 
@@ -19,24 +22,31 @@ def _export(argv: list[str] | None) -> int:
     add_data_args(p)
     recipe.add_train_args(p)
     args = p.parse_args(argv)
-    from exporters import export_onnx
-    from runtime.state import ScaleState
+    from exporters import export_onnx, output_folder
     from sasq_edge.models import load_model
-    from sasq_edge.state import apply_state
+    from sasq_edge.state import apply_state, load_state
 
     if args.float and args.scales:
         raise ConfigError("--float exports the unquantized model: drop --scales, or drop --float")
-    if not str(args.onnx).endswith(".onnx"):
+    out = Path(args.onnx)
+    if out.suffix != ".onnx":
         raise ConfigError(f"output {args.onnx} must end in .onnx, e.g. out/model.onnx")
-    state = ScaleState.load(args.scales) if args.scales else None  # fail on a bad folder before loading the model
-    if state is not None and args.profile is not None:
-        state = state.with_profile(recipe.profile(args))
-    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    if state is not None:
-        apply_state(lm.model, state)
-    elif not args.float:
-        state = recipe.run(lm, args, recipe.config(args)).state
-    res = export_onnx(lm.model, args.onnx, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache)
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder: name the .onnx file inside it, e.g. {out / 'model.onnx'}")
+    unit = output_folder(out)
+    preflight(unit.folder)
+    with unit.lock():  # a second run on the same folder fails now, not after training
+        state = load_state(args.scales) if args.scales else None  # a bad folder fails before the model loads
+        if state is not None and args.profile is not None:
+            state = state.with_profile(recipe.profile(args))
+        cfg = None if state is not None or args.float else recipe.config(args)
+        lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        if state is not None:
+            apply_state(lm.model, state)
+        elif cfg is not None:
+            state = recipe.run(lm, args, cfg).state
+        res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache,
+                          progress=not args.json)
     d = res.to_dict()
     emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
          f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sasq_edge.cli.common import add_runtime_args, emit, entry, parser, providers
+from sasq_edge.cli.common import add_runtime_args, emit, entry, float_in, int_at_least, parser, providers
 
 
 def _generate(argv: list[str] | None) -> int:
     p = parser("sasq-generate", "Generate text with an exported model on ONNX Runtime, streaming tokens as they come.")
     p.add_argument("onnx", help="model.onnx written by sasq-export (its folder holds tokenizer.json and config.json)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (same as --temperature 0)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same tokens)")
+    p.add_argument("--temperature", type=float_in(0), default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (same seed, same tokens)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     add_runtime_args(p, windows=False)
     args = p.parse_args(argv)

@@ -8,6 +8,7 @@ import sys
 
 from runtime.errors import ConfigError
 from runtime.profiles import AUTO, PROFILES, resolve_profile
+from sasq_edge.cli.common import float_in, int_at_least
 from sasq_edge.config import AUTO_ALPHA, CALIBRATIONS, LR_SCHEDULES, TRUNCATIONS, QuantConfig
 
 
@@ -16,13 +17,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None,
                    help=f"deploy profile: {', '.join(PROFILES)}, or {AUTO} to pick from this CPU (default {d.profile})")
     p.add_argument("--calibration", default=d.calibration, help=f"scale initialiser: {', '.join(CALIBRATIONS)}")
-    p.add_argument("--percentile", type=float, default=d.percentile, help="percentile for --calibration percentile")
-    p.add_argument("--calib-batches", type=int, default=d.calib_batches, help="calibration windows (default %(default)s)")
+    p.add_argument("--percentile", type=float_in(50, 100, low_open=True), default=d.percentile,
+                   help="percentile for --calibration percentile")
+    p.add_argument("--calib-batches", type=int_at_least(1), default=d.calib_batches, help="calibration windows (default %(default)s)")
     p.add_argument("--truncation", default=d.truncation, help=f"outlier truncation: {', '.join(TRUNCATIONS)}")
-    p.add_argument("--train-steps", type=int, default=d.train_steps, help="scale-training steps, 0 = PTQ only")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate on log-scales (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per training step")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--train-steps", type=int_at_least(0), default=d.train_steps, help="scale-training steps, 0 = PTQ only")
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=d.lr, help="Adam learning rate on log-scales (default %(default)s)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help="windows per training step")
+    p.add_argument("--seed", type=int_at_least(0), default=d.seed)
     p.add_argument("--int8-lm-head", action="store_true", help="quantize the output head too (INT8 weight, trained activation scale)")
     p.add_argument("--int8-embedding", action="store_true", help="store the embedding table as weight-only per-row INT8")
     p.add_argument("--smooth-alpha", default=None,

@@ -13,13 +13,18 @@ def _train(argv: list[str] | None) -> int:
     add_data_args(p)
     recipe.add_train_args(p)
     args = p.parse_args(argv)
+    from runtime.io import OutputFolder, preflight
+    from runtime.state import RECIPE_FILE, SCALES_FILE
     from sasq_edge.models import load_model
 
     cfg = recipe.config(args)
-    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    result = recipe.run(lm, args, cfg)
-    state, report = result.state, result.report
-    state.save(args.run_dir)
+    unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
+    preflight(unit.folder)
+    with unit.lock():  # a second run on the same folder fails now, not after training
+        lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        result = recipe.run(lm, args, cfg)
+        state, report = result.state, result.report
+        state.save(args.run_dir)
     factors = sum(v.size for v in state.smooth.values())
     what = f"{len(state.scales)} activation scales"
     if factors:

@@ -13,6 +13,7 @@ from sasq_edge.cli.common import (
     emit,
     entry,
     eval_windows,
+    float_in,
     parser,
     providers,
 )
@@ -23,8 +24,8 @@ def _validate(argv: list[str] | None) -> int:
     p.add_argument("onnx", help="model.onnx written by sasq-export (its folder holds recipe.json and scales)")
     p.add_argument("--model", help="load the float model from here instead of the source named in recipe.json")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--rel-tol", type=float, default=0.005, help="max relative perplexity difference (default 0.5%%)")
-    p.add_argument("--min-top1", type=float, default=0.99, help="min top-1 token agreement (default 0.99)")
+    p.add_argument("--rel-tol", type=float_in(0), default=0.005, help="max relative perplexity difference (default 0.5%%)")
+    p.add_argument("--min-top1", type=float_in(0, 1), default=0.99, help="min top-1 token agreement (default 0.99)")
     p.add_argument("--no-fusion-check", action="store_true",
                    help="skip the check that ONNX Runtime's CPU graph runs every quantized layer as an integer kernel")
     add_data_args(p)
