@@ -76,6 +76,12 @@ class _WithCache(nn.Module):
     ``input_ids, attention_mask, position_ids, past_key_values.{i}.key|value`` ->
     ``logits, present.{i}.key|value``, caches ``[batch, kv_heads, past_sequence, head_dim]``.
     Prefill passes a past of length 0; ``present`` is the past with this call's keys appended.
+
+    Every layer keeps its whole past, sliding-window layers too (Mistral, Gemma 2 and 3): the
+    model's masks limit what those layers attend to, so the logits are the model's, and every
+    layer's past stays as long as the attention mask. A cache built from the config would drop
+    a sliding layer's old keys from its ``present``, and the next call's past and mask would no
+    longer line up.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -85,7 +91,7 @@ class _WithCache(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)), config=self.model.config)
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True
         )

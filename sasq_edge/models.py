@@ -1,5 +1,9 @@
 """Loading the float model and its tokenizer from a hub id, a local folder, a ``.gguf`` file or
-the built-in ``tiny-random-llama`` preset (seeded, offline, for tests and quick tries)."""
+the built-in ``tiny-random-llama`` preset (seeded, offline, for tests and quick tries).
+
+The config is read first (``config.json``, or a GGUF file's metadata), and a model that is not a
+causal LM or whose architecture has no entry in ``sasq_edge.arch`` is refused before any weight
+is read."""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from sasq_edge.arch import ARCHITECTURES, unsupported
 from sasq_edge.errors import ModelLoadError
 
 TINY_PRESET = "tiny-random-llama"
@@ -65,14 +71,18 @@ def tiny_random_llama(seed: int = 0) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, TINY_PRESET)
 
 
-def _check_causal(config, spec: str) -> None:
+def _check_config(config, spec: str) -> None:
+    """Refuse a model that has no causal-LM head or whose architecture the registry lacks, from
+    its config alone: before any weight is read."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelLoadError(
             f"{spec!r} is a {config.model_type!r} model with no causal-LM head: sasq-edge quantizes "
-            f"decoder-only causal LMs (Llama, Mistral, Qwen2, SmolLM)"
+            f"decoder-only causal LMs ({', '.join(sorted(ARCHITECTURES))})"
         )
+    if config.model_type not in ARCHITECTURES:
+        raise ModelLoadError(f"{spec!r}: {unsupported(config.model_type)}")
 
 
 def check_gguf(path: Path) -> None:
@@ -121,14 +131,15 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
     else:
         source = spec  # a hub id
     try:
+        # config.json, or a GGUF file's metadata (transformers reads no tensor data for it)
         config = AutoConfig.from_pretrained(source, **kwargs)
-        _check_causal(config, spec)
+        _check_config(config, spec)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError:
         raise ModelLoadError(f"refused to unpickle the weights of {spec!r}: the pickle holds objects other than tensors, and "
                              "sasq-edge loads pickled checkpoints only with weights_only=True; convert it to safetensors") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if source == spec and not path.exists():  # neither a local folder nor a model the hub gave us
             raise ModelLoadError(f"{spec!r} is not a local folder or file (nothing at {path.absolute()}), and loading it "

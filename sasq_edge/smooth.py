@@ -8,8 +8,11 @@ and the deployed graph still has one static scale per activation tensor; only th
 ranges the per-tensor grid must cover become even. ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``
 (Xiao et al., SmoothQuant, ICML 2023, eq. 4).
 
-Row scaling of a preceding linear (``v_proj``, ``up_proj``) leaves its own per-output-channel
-weight quantization unchanged, since each row's scale absorbs the factor.
+Row scaling of a preceding linear (``v_proj``, ``up_proj``, or only the rows of a fused
+projection that the group reads: Phi-3's value rows of ``qkv_proj``, up half of
+``gate_up_proj``) leaves its own per-output-channel weight quantization unchanged, since each
+row's scale absorbs the factor. A norm that multiplies by ``1 + w`` (Gemma; ``norm_offset`` in
+the registry) absorbs ``1 / s`` as ``w <- (1 + w) / s - 1``.
 
 The factors are returned to the caller (``run_sasq`` puts them in the ``ScaleState``); nothing is
 stored on the model.
@@ -47,6 +50,15 @@ def smooth_groups(model: nn.Module, targets: Iterable[str] | None = None) -> dic
 
 def _block(key: str, g: SmoothGroup) -> str:
     return key[: -len(g.prev) - 1]
+
+
+def _rows(key: str, g: SmoothGroup, outputs: int, factors: int) -> slice:
+    """The output rows of the preceding linear ``key`` that the group's linears read."""
+    if g.rows == "tail" and factors <= outputs:
+        return slice(outputs - factors, outputs)
+    if g.rows == "all" and factors == outputs:
+        return slice(None)
+    raise ConfigError(f"{key} has {outputs} outputs, its smoothing factors {factors}: retrain the scales")
 
 
 def _per_kv_channel(model: nn.Module, v: torch.Tensor) -> torch.Tensor:
@@ -100,6 +112,7 @@ def fold_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
     of their two roundings decides their last bits, so training and a state loaded from disk
     must fold alike."""
     groups = smooth_groups(model)
+    offset = arch_spec(model.config.model_type).norm_offset
     for key, s in sorted(factors.items()):
         if key not in groups:
             raise ConfigError(f"smoothing factor for {key!r}, which is no smoothing point of this model: retrain the scales")
@@ -109,15 +122,15 @@ def fold_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ConfigError(f"smoothing factors of {key} must be positive and finite: retrain the scales")
         if isinstance(prev, nn.Linear):
-            if prev.weight.shape[0] != s.numel():
-                raise ConfigError(f"{key} has {prev.weight.shape[0]} outputs, its smoothing factors {s.numel()}: retrain the scales")
-            prev.weight.div_(s[:, None].to(prev.weight.dtype))
+            rows = _rows(key, g, prev.weight.shape[0], s.numel())
+            prev.weight[rows].div_(s[:, None].to(prev.weight.dtype))
             if prev.bias is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
-        else:  # RMSNorm-like: output = normalized(x) * weight
+                prev.bias[rows].div_(s.to(prev.bias.dtype))
+        else:  # RMSNorm-like: output = normalized(x) * (offset + weight)
             if prev.weight.shape != s.shape:
                 raise ConfigError(f"{key} has {prev.weight.numel()} channels, its smoothing factors {s.numel()}: retrain the scales")
-            prev.weight.div_(s.to(prev.weight.dtype))
+            w = prev.weight  # offset 0 (x * w): w / s; offset 1 (Gemma's x * (1 + w)): (1 + w) / s - 1
+            w.copy_((w + offset) / s.to(w.dtype) - offset)
         cols = s[_kv_index(model, s.device)] if g.heads else s
         for name in g.linears:
             lin = model.get_submodule(f"{_block(key, g)}.{name}")
