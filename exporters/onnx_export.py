@@ -25,13 +25,15 @@ import onnx
 import torch
 from torch import nn
 
+from exporters.fused import FUSED_FAMILIES, fused_proto
+from exporters.fused import supports as fused_supports
 from exporters.lowering import ExportError, lowered
 from exporters.passes import op_counts, pretranspose_int8_weights, rename_initializers, set_metadata
 from runtime.folder import COMPANION_FILES, CONFIG_FILE, manifest
 from runtime.graph import WEIGHT_SUFFIX, GraphIndex, cache_names, weight_name, weight_scale_name
 from runtime.io import OutputFolder, checkpoint
 from runtime.layout import AttentionLayout
-from runtime.metadata import META_FILES, META_VERSION, META_WEIGHTS, deploy_metadata
+from runtime.metadata import META_FILES, META_GRAPH, META_VERSION, META_WEIGHTS, deploy_metadata
 from runtime.state import ScaleState
 from runtime.version import __version__
 
@@ -188,6 +190,31 @@ def to_onnx_proto(model: nn.Module, state: ScaleState | None = None, opset: int 
     return proto
 
 
+GRAPHS = ("auto", "fused", "traced")
+CPU_KERNEL_PROFILES = ("cpu-avx2", "cpu-vnni", "arm64")
+
+
+def resolve_graph(graph: str, model: nn.Module, state: ScaleState | None, kv_cache: bool) -> str:
+    """``fused`` or ``traced`` for ``graph`` (``auto``, ``fused`` or ``traced``)."""
+    if graph not in GRAPHS:
+        raise ExportError(f"unknown graph {graph!r}: choose one of {', '.join(GRAPHS)}")
+    fusable = state is not None and kv_cache and fused_supports(model)
+    if graph == "fused":
+        if state is None or not kv_cache:
+            raise ExportError("the fused graph is a quantized graph with a KV cache: pass scales, drop --no-kv-cache, "
+                              "or use --graph traced")
+        if not fused_supports(model):
+            raise ExportError(f"no fused graph for {model.config.model_type!r} yet (fused: {', '.join(FUSED_FAMILIES)}): "
+                              "use --graph traced")
+        if state.profile not in CPU_KERNEL_PROFILES:
+            raise ExportError(f"the fused graph uses ONNX Runtime contrib ops, which TensorRT does not run; profile "
+                              f"{state.profile!r} keeps the traced graph: use --graph traced or a CPU profile")
+        return "fused"
+    if graph == "auto" and fusable and state.profile in CPU_KERNEL_PROFILES:
+        return "fused"
+    return "traced"
+
+
 def output_folder(out_path: str | os.PathLike) -> OutputFolder:
     """The export folder of ``out_path`` as one unit: lock it (``.lock()``) before a long run so a
     second run fails at once, then write it (``with``)."""
@@ -222,6 +249,7 @@ def export_onnx(
     opset: int = OPSET,
     kv_cache: bool = True,
     progress: bool = False,
+    graph: str = "auto",
 ) -> ExportResult:
     """Write ``out_path`` (``.../model.onnx``) and, beside it, ``config.json``, the tokenizer files
     and (for a quantized model) the scale state, so the folder alone can be evaluated and
@@ -229,6 +257,9 @@ def export_onnx(
     the float weights it was trained with and is not changed. With ``kv_cache`` (the default) the
     graph takes and returns the KV cache (``_WithCache``), otherwise it maps
     ``(input_ids, attention_mask)`` to logits only. ``progress`` prints each stage on stderr.
+    ``graph``: ``fused`` writes the CPU profiles' fused graph (``exporters.fused``), ``traced``
+    the dynamo trace (standard ops: TensorRT and every family), ``auto`` (the default) the fused
+    graph where the profile runs on ONNX Runtime's CPU kernels and the family has one.
 
     The folder is written as one unit (``runtime.io.OutputFolder``): every file is staged beside
     it and put in place only when all are written and the ONNX file passed ``onnx.checker``, so a
@@ -240,14 +271,21 @@ def export_onnx(
         raise ExportError(f"output {out_path} must end in .onnx, e.g. out/model.onnx")
     if out_path.is_dir():
         raise ExportError(f"{out_path} is a folder: name the .onnx file inside it, e.g. {out_path / 'model.onnx'}")
+    kind = resolve_graph(graph, model, state, kv_cache)
     stages = _Stages(progress)
-    stages.start("tracing with torch.onnx (dynamo): about a minute per 15 decoder layers on 2 CPU cores")
-    proto = to_onnx_proto(model, state, opset, kv_cache)
-    stages.done("traced")
+    if kind == "fused":
+        stages.start("writing the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, INT8 Q/DQ linears)")
+        proto, digest = fused_proto(model, state)
+        proto = set_metadata(proto, {META_WEIGHTS: digest})
+        stages.done("wrote the graph")
+    else:
+        stages.start("tracing with torch.onnx (dynamo): about a minute per 15 decoder layers on 2 CPU cores")
+        proto = to_onnx_proto(model, state, opset, kv_cache)
+        stages.done("traced")
     checkpoint("traced")
     props = {META_VERSION: __version__}
     if state is not None:
-        props = deploy_metadata(state.deploy, __version__)
+        props = {**deploy_metadata(state.deploy, __version__), META_GRAPH: kind}
     external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     with output_folder(out_path) as stage:
         stages.start(f"writing the folder's files into {stage.name}")

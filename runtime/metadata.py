@@ -17,6 +17,7 @@ META_VERSION = "sasq.version"
 META_PROFILE = "sasq.profile"
 META_SESSION_OPTIONS = "sasq.session_options"
 META_FILES = "sasq.files"  # JSON {file name: sha256} of the files exported beside the model
+META_GRAPH = "sasq.graph"  # "fused" (ONNX Runtime contrib ops) or "traced" (standard ops)
 META_WEIGHTS = "sasq.weights"  # runtime.state.weights_digest of the INT8 weights in the graph
 FORMAT_TAG = "sasq-edge-onnx-1"
 

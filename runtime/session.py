@@ -57,8 +57,8 @@ def _cache_spec(sess: ort.InferenceSession, path: Path) -> CacheSpec | None:
     outputs = {o.name for o in sess.get_outputs()}
     spec = CacheSpec(tuple(i.name for i in past), shape[1], shape[3], _ORT_FLOAT.get(past[0].type, np.float32))
     missing = [n for n in spec.present_names if n not in outputs]
-    if missing or "position_ids" not in {i.name for i in sess.get_inputs()}:
-        raise RuntimeSetupError(f"{path}: cache inputs without matching present outputs or position_ids: re-export it with sasq-export")
+    if missing:
+        raise RuntimeSetupError(f"{path}: cache inputs without matching present outputs: re-export it with sasq-export")
     return spec
 
 
@@ -76,6 +76,10 @@ class LMSession:
     def profile(self) -> str | None:
         return self.metadata.get(META_PROFILE)
 
+    @property
+    def takes_positions(self) -> bool:
+        return any(i.name == "position_ids" for i in self.session.get_inputs())
+
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """``(B, T)`` int64 token ids -> ``(B, T, V)`` float32 logits (no padding, no past)."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
@@ -91,12 +95,9 @@ class LMSession:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         batch, new = ids.shape
         start = next(iter(past.values())).shape[2]
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones((batch, start + new), np.int64),
-            "position_ids": np.broadcast_to(np.arange(start, start + new, dtype=np.int64), (batch, new)).copy(),
-            **past,
-        }
+        feed = {"input_ids": ids, "attention_mask": np.ones((batch, start + new), np.int64), **past}
+        if self.takes_positions:  # the traced graph takes them; the fused graph derives them from the mask
+            feed["position_ids"] = np.broadcast_to(np.arange(start, start + new, dtype=np.int64), (batch, new)).copy()
         outs = self.session.run([REQUIRED_OUTPUT, *self.cache.present_names], feed)
         return outs[0], dict(zip(self.cache.past_names, outs[1:], strict=True))
 

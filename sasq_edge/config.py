@@ -18,6 +18,7 @@ from sasq_edge.errors import ConfigError
 CALIBRATIONS = ("absmax", "percentile", "mse")
 TRUNCATIONS = ("clip", "tanh")
 LR_SCHEDULES = ("constant", "cosine")
+OBJECTIVES = ("ce", "kd")  # next-token cross-entropy; distillation from the float model (sasq_edge.train)
 AUTO_ALPHA = "auto"
 
 
@@ -49,6 +50,7 @@ class QuantConfig:
     # train the smoothing factors too (on top of SmoothQuant's), folded into the weights after training
     smooth_learn: bool = False
     lr_schedule: str = "constant"
+    objective: str = "ce"
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -62,6 +64,8 @@ class QuantConfig:
                               "drop --int8-embedding, or pick --profile cpu-avx2, cpu-vnni or arm64")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"unknown truncation {self.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         if self.smooth_alpha is not None and self.smooth_alpha != AUTO_ALPHA:

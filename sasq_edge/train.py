@@ -1,5 +1,13 @@
 """Scale training: gradient descent on the activation quantization scales alone, through fake
-quantization with the straight-through estimator, on the next-token loss (SASQ section 3)."""
+quantization with the straight-through estimator (SASQ section 3).
+
+Two objectives: ``ce``, the next-token cross-entropy on the training text (the paper's), and
+``kd``, knowledge distillation from the float model: the KL divergence of the quantized model's
+next-token distribution from the float model's, position by position. The float model is the
+same model with its quantizers switched off (the weights are shared and frozen), so the teacher
+costs one forward pass without gradients and no memory for a second copy. Distillation asks the
+quantized model to keep the float model's predictions, not to fit the training text, so what it
+learns holds on text the scales never saw."""
 
 from __future__ import annotations
 
@@ -10,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
-from sasq_edge.modules import quant_linears, scale_parameters
+from sasq_edge.modules import quant_linears, quant_mode, scale_parameters
 
 
 @dataclass
@@ -91,6 +101,33 @@ def train_scales(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *
             p.requires_grad_(False)
 
 
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Mean over positions of KL(p_teacher || p_student) for logits ``(..., V)``, in float32.
+
+    Positions are taken ``chunk`` at a time, each under activation checkpointing, so the float32
+    log-softmax intermediates of a large vocabulary stay bounded by one chunk (``chunk x V``)
+    whatever the sequence length."""
+    s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]).detach()
+    total = student.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], chunk):
+        total = total + checkpoint(_kl_sum, s[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+    return total / s.shape[0]
+
+
+def _kl_sum(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    log_t = F.log_softmax(t.float(), dim=-1)
+    return (log_t.exp() * (log_t - F.log_softmax(s.float(), dim=-1))).sum()
+
+
+def step_loss(model: nn.Module, ids: torch.Tensor, objective: str) -> torch.Tensor:
+    """The training loss of one batch ``(B, T)`` under ``objective`` (``ce`` or ``kd``)."""
+    if objective == "ce":
+        return model(input_ids=ids, labels=ids).loss
+    with torch.no_grad(), quant_mode(model, "float"):
+        teacher = model(input_ids=ids).logits  # the float model: same weights, quantizers off
+    return kd_loss(model(input_ids=ids).logits, teacher)
+
+
 def train_loop(model: nn.Module, windows: torch.Tensor, config: QuantConfig, groups: list[dict], *, progress: bool = True,
                on_step: StepCallback | None = None, desc: str = "train") -> TrainReport:
     """Adam over the parameter ``groups`` for ``config.train_steps`` steps of next-token loss on
@@ -117,7 +154,7 @@ def train_loop(model: nn.Module, windows: torch.Tensor, config: QuantConfig, gro
                 g["lr"] = lr * lr_factor(config.lr_schedule, step, config.train_steps)
             idx = torch.randint(0, windows.shape[0], (config.batch_size,), generator=gen)
             ids = windows[idx].to(device)  # (B, T)
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = step_loss(model, ids, config.objective)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

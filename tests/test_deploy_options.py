@@ -32,9 +32,10 @@ V, H = 257, 64  # the tiny model's vocabulary and hidden size
 WINDOWS = torch.randint(0, V, (6, 64), generator=torch.Generator().manual_seed(1))
 
 
-def _run(profile: str, tmp, **options):
+def _run(profile: str, tmp, graph: str = "traced", **options):
     """Prepare, calibrate (2 windows), train 2 steps (so no two quantizers share a scale and merge
-    in the graph) and export; returns the model, its state, the export and the float parameters
+    in the graph) and export (the traced graph: these tests read its structure; the fused graph's
+    are in tests/test_fused.py); returns the model, its state, the export and the float parameters
     as they were before ``prepare``."""
     lm = tiny_random_llama()
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -44,7 +45,7 @@ def _run(profile: str, tmp, **options):
     calibrate(lm.model, [WINDOWS[:1], WINDOWS[1:2]], cfg)
     train_scales(lm.model, WINDOWS, cfg, progress=False)
     state = state_from_model(lm.model, cfg, lm.source)
-    res = export_onnx(lm.model, tmp / "model.onnx", state=state, tokenizer=lm.tokenizer)
+    res = export_onnx(lm.model, tmp / "model.onnx", state=state, tokenizer=lm.tokenizer, graph=graph)
     return lm, state, res, before, params
 
 

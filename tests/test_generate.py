@@ -89,9 +89,15 @@ def test_cache_graph_names_and_shapes(cached):
     present = [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     assert cache_names(2) == (past, present)
     inputs, outputs = sess.session.get_inputs(), sess.session.get_outputs()
-    assert [i.name for i in inputs] == ["input_ids", "attention_mask", "position_ids", *past]
+    # the traced graph (the float export) takes position_ids; the fused CPU graph (the quantized
+    # cpu-avx2 export) derives positions from the attention mask, as ONNX Runtime GenAI's graphs do
+    graph = sess.metadata.get("sasq.graph", "traced")
+    assert graph == ("traced" if sess.profile is None else "fused")
+    positions = ["position_ids"] if graph == "traced" else []
+    assert sess.takes_positions == bool(positions)
+    assert [i.name for i in inputs] == ["input_ids", "attention_mask", *positions, *past]
     assert [o.name for o in outputs] == ["logits", *present]
-    for i in inputs[3:]:
+    for i in inputs[2 + len(positions):]:
         batch, heads, seq, dim = i.shape  # [batch, kv_heads, past_sequence, head_dim]
         assert (i.type, heads, dim) == ("tensor(float)", 2, 16) and isinstance(batch, str) and isinstance(seq, str)
     for o in outputs[1:]:

@@ -9,7 +9,7 @@ import sys
 from runtime.errors import ConfigError
 from runtime.profiles import AUTO, PROFILES, resolve_profile
 from sasq_edge.cli.common import float_in, int_at_least
-from sasq_edge.config import AUTO_ALPHA, CALIBRATIONS, LR_SCHEDULES, TRUNCATIONS, QuantConfig
+from sasq_edge.config import AUTO_ALPHA, CALIBRATIONS, LR_SCHEDULES, OBJECTIVES, TRUNCATIONS, QuantConfig
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         f"linear before quantizing; '{AUTO_ALPHA}' searches it on held-out validation windows (default: off)")
     p.add_argument("--smooth-learn", action="store_true", help="train the smoothing factors too (needs --smooth-alpha)")
     p.add_argument("--lr-schedule", default=d.lr_schedule, help=f"learning-rate schedule: {', '.join(LR_SCHEDULES)}")
+    p.add_argument("--objective", default=d.objective,
+                   help=f"training loss: {' or '.join(OBJECTIVES)}; ce = next-token cross-entropy on the text, kd = "
+                        f"distillation, the KL from the float model's next-token distribution (default {d.objective})")
     p.add_argument("--device", default="cpu", help="torch device for calibration and training: cpu or cuda (default cpu)")
 
 
@@ -71,6 +74,7 @@ def config(args: argparse.Namespace) -> QuantConfig:
         smooth_alpha=smooth_alpha(args.smooth_alpha),
         smooth_learn=args.smooth_learn,
         lr_schedule=args.lr_schedule,
+        objective=args.objective,
     )
 
 

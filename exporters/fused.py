@@ -1,0 +1,317 @@
+"""A fused decoder graph for the CPU profiles, written directly with ONNX Runtime's contrib ops.
+
+The traced export is a faithful but plain graph (about 2,900 nodes for a 30-layer model; the KV
+cache grown by ``Concat``, the rotary tables recomputed every call). This module writes the same
+model the way ONNX Runtime's fastest CPU path wants it, per decoder layer:
+
+    SkipSimplifiedLayerNormalization (residual add + RMSNorm in one kernel)
+    -> Q/DQ -> q, k, v MatMuls on INT8 weights (each fused to MatMulIntegerToFloat)
+    -> GroupQueryAttention (rotary from cached cos/sin tables, causal / sliding-window mask,
+       per-head q/k RMSNorm where the family has it, the KV cache appended in place)
+    -> Q/DQ -> o_proj -> SkipSimplifiedLayerNormalization -> Q/DQ -> gate, up
+    -> SiLU(gate) * up -> Q/DQ -> down_proj
+
+Every quantized linear keeps the static Q/DQ of the traced export: the same constant activation
+scale (straight from the ``ScaleState``), the same INT8 weight codes
+(``runtime.grids.encode_weight``), ``DequantizeLinear(axis=1)`` feeding the ``MatMul``; only the
+float operations around them are fused. Inputs and outputs keep optimum's names
+(``input_ids``, ``attention_mask``, ``past_key_values.{i}.key|value`` -> ``logits``,
+``present.{i}.key|value``); the rotary positions come from the attention mask, so there is no
+``position_ids`` input (as in ONNX Runtime GenAI's graphs, which this one is loadable by).
+
+Contrib ops run on ONNX Runtime (CPU, CUDA), not TensorRT: the ``trt`` profile keeps the traced
+graph. Families: the Llama-shaped decoders (``FUSED_FAMILIES``); others export traced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from runtime.graph import cache_names, weight_name, weight_scale_name
+from runtime.grids import EMBEDDING_GRID, encode_weight
+from runtime.layout import AttentionLayout
+from runtime.state import ScaleState, weights_digest
+
+OPSET = 21
+MS = "com.microsoft"
+FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+
+
+def supports(model: nn.Module) -> bool:
+    return getattr(model.config, "model_type", None) in FUSED_FAMILIES
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What differs between decoder layers of one model."""
+
+    rope: bool
+    window: int  # GroupQueryAttention's local_window_size, -1 for full attention
+
+
+def _layers(config) -> list[_Layer]:
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    out = []
+    for i in range(n):
+        if types:
+            sliding = types[i] == "sliding_attention" and bool(window)
+        else:
+            sliding = bool(window)  # Mistral: one window for every layer when set
+        no_rope = getattr(config, "no_rope_layers", None)
+        rope = bool(no_rope[i]) if no_rope else True
+        # HF keeps keys with kv > q - window (the window counts the query itself); ORT's
+        # local_window_size counts the keys before it
+        out.append(_Layer(rope, int(window) - 1 if sliding else -1))
+    return out
+
+
+class _Graph:
+    """Nodes, initializers and names for one graph."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self._names: set[str] = set()
+        self._scalars: dict[tuple, str] = {}
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        assert name not in self._names, name
+        self._names.add(name)
+        array = np.asarray(array)
+        self.inits.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(order="C"), name))
+        return name
+
+    def scalar(self, value, dtype) -> str:
+        """A shared scalar constant (scales, zero points, small shapes)."""
+        key = (np.dtype(dtype).str, np.asarray(value, dtype=dtype).tobytes())
+        if key not in self._scalars:
+            self._scalars[key] = self.init(f"const_{len(self._scalars)}", np.asarray(value, dtype=dtype))
+        return self._scalars[key]
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [f"{name}/output_{k}" for k in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a node output (to make it a graph output); nothing may read it yet by its old name."""
+        for n in self.nodes:
+            assert old not in n.input, old
+            for k, o in enumerate(n.output):
+                if o == old:
+                    n.output[k] = new
+
+    def one(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
+        return self.op(op_type, inputs, name, 1, domain, **attrs)[0]
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float32).numpy()
+
+
+class FusedBuilder:
+    """Writes the fused graph of ``model`` quantized as ``state`` says (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, state: ScaleState, max_positions: int | None = None) -> None:
+        if not supports(model):
+            raise ValueError(f"no fused graph for {model.config.model_type!r}: supported are {', '.join(FUSED_FAMILIES)}")
+        self.model, self.state, self.cfg = model, state, model.config
+        self.deploy = state.deploy
+        self.lay = AttentionLayout.of(self.cfg)
+        self.max_positions = max_positions or self.cfg.max_position_embeddings
+        self.g = _Graph()
+        self.digest_items: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self._act: dict[tuple[str, float], str] = {}
+
+    # --- quantized pieces ------------------------------------------------------------------
+
+    def _qdq(self, x: str, scale: float, name: str) -> str:
+        """``DequantizeLinear(QuantizeLinear(x))`` on the profile's activation grid; one pair per
+        (tensor, scale), so linears reading one tensor with one scale share it."""
+        key = (x, scale)
+        if key not in self._act:
+            g, grid = self.g, self.deploy.act
+            s = g.scalar(np.float32(scale), np.float32)
+            zp = g.scalar(grid.zero_point, np.dtype(grid.dtype))
+            q = g.one("QuantizeLinear", [x, s, zp], f"{name}/QuantizeLinear")
+            self._act[key] = g.one("DequantizeLinear", [q, s, zp], f"{name}/DequantizeLinear")
+        return self._act[key]
+
+    def linear(self, x: str, module_name: str, name: str) -> str:
+        """``x @ W^T (+ b)``: Q/DQ on ``x`` and an INT8 weight when the state quantizes
+        ``module_name``, else a float MatMul."""
+        g = self.g
+        module = self.model.get_submodule(module_name)
+        bias = getattr(module, "bias", None)
+        if module_name in self.state.scales:
+            codes, scale = encode_weight(_f32(module.weight), self.deploy.weight)  # (N, K), (N,)
+            self.digest_items.append((module_name, codes, scale))
+            w = g.init(weight_name(module_name), codes.T.copy())  # (K, N)
+            ws = g.init(weight_scale_name(module_name), scale)
+            zeros = g.init(f"{module_name}.weight_zero_point", np.zeros(scale.shape, np.int8))
+            w_dq = g.one("DequantizeLinear", [w, ws, zeros], f"{name}/weight/DequantizeLinear", axis=1)
+            trunc = self.state.truncation.get(module_name)
+            if trunc is not None:  # soft truncation a * tanh(x / a) before the quantizer
+                a = g.scalar(np.float32(trunc), np.float32)
+                x = g.one("Mul", [g.one("Tanh", [g.one("Div", [x, a], f"{name}/trunc/Div")], f"{name}/trunc/Tanh"), a],
+                          f"{name}/trunc/Mul")
+            y = g.one("MatMul", [self._qdq(x, self.state.scales[module_name], name), w_dq], f"{name}/MatMul")
+        else:
+            w = g.init(f"{module_name}.weight_t", _f32(module.weight).T.copy())
+            y = g.one("MatMul", [x, w], f"{name}/MatMul")
+        if bias is not None:
+            y = g.one("Add", [y, g.init(f"{module_name}.bias", _f32(bias))], f"{name}/Add")
+        return y
+
+    # --- the graph ---------------------------------------------------------------------------
+
+    def _embed(self, ids: str) -> str:
+        g, emb = self.g, self.model.get_input_embeddings()
+        if self.state.embedding != "int8":
+            table = g.init("model.embed_tokens.weight", _f32(emb.weight))
+            return g.one("Gather", [table, ids], "/model/embed_tokens/Gather")
+        codes, scale = encode_weight(_f32(emb.weight), EMBEDDING_GRID)
+        table = g.init("model.embed_tokens.weight_int", codes)
+        scales = g.init("model.embed_tokens.weight_scale", scale)
+        flat = g.one("Reshape", [ids, g.init("embed_flat_shape", np.array([-1], np.int64))], "/model/embed_tokens/Flatten")
+        rows = g.one("Gather", [table, flat], "/model/embed_tokens/GatherRows")
+        row_scale = g.one("Gather", [scales, flat], "/model/embed_tokens/GatherScales")
+        deq = g.one("DequantizeLinear", [rows, row_scale], "/model/embed_tokens/DequantizeLinear", axis=0)
+        shape = g.one("Concat", [g.one("Shape", [ids], "/model/embed_tokens/Shape"),
+                                 g.init("embed_dim", np.array([emb.weight.shape[1]], np.int64))],
+                      "/model/embed_tokens/Concat", axis=0)
+        return g.one("Reshape", [deq, shape], "/model/embed_tokens/Reshape")
+
+    def _rotary_caches(self) -> tuple[str, str]:
+        """cos/sin tables ``(max_positions, head_dim / 2)`` from the model's own rotary module, so
+        RoPE scaling (Llama 3, ...) and its attention scaling come with them."""
+        rotary = self.model.model.rotary_emb
+        pos = torch.arange(self.max_positions, dtype=torch.long)[None]
+        dummy = torch.zeros(1, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = rotary(dummy, pos)  # (1, P, head_dim): the halves repeat
+        half = cos.shape[-1] // 2
+        return (self.g.init("cos_cache", _f32(cos[0, :, :half])), self.g.init("sin_cache", _f32(sin[0, :, :half])))
+
+    def _norm_weight(self, module_name: str) -> str:
+        return self.g.init(f"{module_name}.weight", _f32(self.model.get_submodule(module_name).weight))
+
+    def build(self) -> onnx.ModelProto:
+        g, cfg, lay = self.g, self.cfg, self.lay
+        eps = float(cfg.rms_norm_eps)
+        past_names, present_names = cache_names(lay.layers)
+        ids, mask = "input_ids", "attention_mask"
+        # GroupQueryAttention's lengths: seqlens_k = tokens so far - 1 per row, total = mask width
+        seqlens = g.one("Cast", [g.one("Sub", [g.one("ReduceSum", [mask, g.init("axis_1", np.array([1], np.int64))],
+                                                   "/model/attn_mask/ReduceSum", keepdims=0),
+                                          g.scalar(1, np.int64)], "/model/attn_mask/Sub")],
+                        "/model/attn_mask/Cast_seqlens", to=TensorProto.INT32)
+        total = g.one("Cast", [g.one("Gather", [g.one("Shape", [mask], "/model/attn_mask/Shape"), g.scalar(1, np.int64)],
+                                     "/model/attn_mask/Gather", axis=0)], "/model/attn_mask/Cast_total", to=TensorProto.INT32)
+        cos, sin = self._rotary_caches()
+        hidden = self._embed(ids)
+        blocks = "model.layers"
+        residual, pending = hidden, None  # pending: the last sublayer's output, added to the residual
+        layers = _layers(cfg)
+        for i, spec in enumerate(layers):
+            p = f"{blocks}.{i}"
+            n = f"/model/layers.{i}"
+            normed, residual = self._add_norm(pending, residual, f"{p}.input_layernorm", f"{n}/input_layernorm", eps)
+            q = self.linear(normed, f"{p}.self_attn.q_proj", f"{n}/attn/q_proj")
+            k = self.linear(normed, f"{p}.self_attn.k_proj", f"{n}/attn/k_proj")
+            v = self.linear(normed, f"{p}.self_attn.v_proj", f"{n}/attn/v_proj")
+            gqa_in = [q, k, v, past_names[2 * i], past_names[2 * i + 1], seqlens, total]
+            gqa_in += [cos, sin] if spec.rope else ["", ""]
+            attrs = dict(num_heads=lay.heads, kv_num_heads=lay.kv_heads, do_rotary=int(spec.rope),
+                         local_window_size=spec.window, scale=float(self._attn_scale()))
+            attn_module = self.model.get_submodule(f"{p}.self_attn")
+            if hasattr(attn_module, "q_norm"):  # Qwen3: per-head RMSNorm on q and k, before rotary
+                gqa_in += ["", "", "", "", "", "", self._norm_weight(f"{p}.self_attn.q_norm"),
+                           self._norm_weight(f"{p}.self_attn.k_norm")]
+                attrs["qk_norm_epsilon"] = float(attn_module.q_norm.variance_epsilon)
+            attn = g.op("GroupQueryAttention", gqa_in, f"{n}/attn/GroupQueryAttention",
+                        [f"{n}/attn/output", present_names[2 * i], present_names[2 * i + 1]], domain=MS, **attrs)[0]
+            o = self.linear(attn, f"{p}.self_attn.o_proj", f"{n}/attn/o_proj")
+            normed, residual = self._add_norm(o, residual, f"{p}.post_attention_layernorm", f"{n}/post_attention_layernorm", eps)
+            gate = self.linear(normed, f"{p}.mlp.gate_proj", f"{n}/mlp/gate_proj")
+            up = self.linear(normed, f"{p}.mlp.up_proj", f"{n}/mlp/up_proj")
+            act = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"{n}/mlp/act/Sigmoid")], f"{n}/mlp/act/Mul")
+            pending = self.linear(g.one("Mul", [act, up], f"{n}/mlp/Mul"), f"{p}.mlp.down_proj", f"{n}/mlp/down_proj")
+        normed, _ = self._add_norm(pending, residual, "model.norm", "/model/norm", eps)
+        logits = self._head(normed)
+        return self._model(logits, past_names, present_names)
+
+    def _attn_scale(self) -> float:
+        return float(getattr(self.model.get_submodule("model.layers.0.self_attn"), "scaling", self.lay.head_dim ** -0.5))
+
+    def _add_norm(self, x: str | None, residual: str, module_name: str, name: str, eps: float) -> tuple[str, str]:
+        """RMSNorm of ``residual + x`` (of ``residual`` alone for the first layer): the normed
+        tensor and the new residual stream."""
+        gamma = self._norm_weight(module_name)
+        if x is None:  # standard ops (onnx.checker knows them); ONNX Runtime fuses them to SimplifiedLayerNormalization
+            g = self.g
+            sq = g.one("Pow", [residual, g.scalar(np.float32(2), np.float32)], f"{name}/Pow")
+            mean = g.one("ReduceMean", [sq, g.init(f"{name}/axes", np.array([-1], np.int64))], f"{name}/ReduceMean", keepdims=1)
+            rms = g.one("Sqrt", [g.one("Add", [mean, g.scalar(np.float32(eps), np.float32)], f"{name}/Add")], f"{name}/Sqrt")
+            return g.one("Mul", [g.one("Div", [residual, rms], f"{name}/Div"), gamma], f"{name}/Mul"), residual
+        outs = self.g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], f"{name}/SkipSimplifiedLayerNormalization",
+                         4, domain=MS, epsilon=eps)
+        return outs[0], outs[3]
+
+    def _head(self, normed: str) -> str:
+        g, head = self.g, self.model.get_output_embeddings()
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        if name in self.state.scales:
+            return self.linear(normed, name, "/lm_head")
+        # a float head (tied to the embedding in most small models): Gemm with transB reads the
+        # (V, H) table as it is, so a tied table is stored once
+        w = "model.embed_tokens.weight" if self._tied(head) else g.init("lm_head.weight", _f32(head.weight))
+        flat = g.one("Reshape", [normed, g.init("head_flat_shape", np.array([-1, head.weight.shape[1]], np.int64))],
+                     "/lm_head/Flatten")
+        y = g.one("Gemm", [flat, w], "/lm_head/Gemm", transB=1)
+        shape = g.one("Concat", [g.one("Slice", [g.one("Shape", [normed], "/lm_head/Shape"), g.scalar([0], np.int64),
+                                                 g.scalar([2], np.int64)], "/lm_head/Slice"),
+                                 g.init("vocab_dim", np.array([head.weight.shape[0]], np.int64))], "/lm_head/Concat", axis=0)
+        return g.one("Reshape", [y, shape], "/lm_head/Reshape")
+
+    def _tied(self, head: nn.Module) -> bool:
+        emb = self.model.get_input_embeddings()
+        return self.state.embedding != "int8" and head.weight is emb.weight
+
+    def _model(self, logits: str, past_names: list[str], present_names: list[str]) -> onnx.ModelProto:
+        lay = self.lay
+        kv = ["batch", lay.kv_heads, "past_sequence", lay.head_dim]
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv) for n in past_names]
+        self.g.rename(logits, "logits")
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", self.cfg.vocab_size])]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", lay.kv_heads, "total_sequence", lay.head_dim])
+                    for n in present_names]
+        graph = helper.make_graph(self.g.nodes, "sasq_fused_decoder", inputs, outputs, self.g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+        model.ir_version = 10
+        return model
+
+    @property
+    def digest(self) -> str:
+        return weights_digest(self.digest_items)
+
+
+def fused_proto(model: nn.Module, state: ScaleState) -> tuple[onnx.ModelProto, str]:
+    """The fused graph of ``model`` quantized by ``state``, and the digest of its INT8 weights."""
+    b = FusedBuilder(model, state)
+    proto = b.build()
+    missing = sorted(set(state.scales) - {name for name, _, _ in b.digest_items})
+    if missing:
+        raise ValueError(f"the fused graph has no place for the quantized layer {missing[0]}: export it traced")
+    return proto, b.digest
+
