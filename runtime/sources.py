@@ -26,8 +26,9 @@ Mixes: each source is cut into its own windows; with the weights normalised to s
 gives ``n_i = floor(w_i * T)`` windows, where ``T = min_j(available_j / w_j)`` is the largest total
 the sources fill in that proportion (the scarcest source gives all its windows). A source with more
 windows than that gives a seeded sample of them, kept in text order. The mix interleaves the
-sources by weighted round robin, so every prefix of it (``--max-windows``, the first calibration
-windows) holds each source's share to within one window.
+sources by weighted round robin, so every prefix of it (``--max-windows``) holds each source's
+share to within one window (calibration samples its windows from the mix, and training draws
+batches uniformly from it: there the shares hold in expectation).
 """
 
 from __future__ import annotations
