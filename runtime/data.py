@@ -1,7 +1,8 @@
-"""WikiText-2 text and token windows (DESIGN.md, "Perplexity protocol").
+"""WikiText-2 text and token windows (DESIGN.md, "Perplexity protocol"), BOS-aware.
 
 Evaluation uses the raw test split only; calibration and scale training use the validation
-split only. Text comes from ``datasets`` when no local folder is given, else from a folder
+split only. Other text (a ``--data`` spec: files, hub datasets, mixes) is read by
+``runtime.sources``, which cuts it into windows here. Text comes from ``datasets`` when no local folder is given, else from a folder
 holding ``wiki.test.raw`` and ``wiki.valid.tokens`` (``--data-dir`` or ``SASQ_DATA_DIR``).
 Returns numpy arrays and never imports torch, so the device commands can use it too; ``datasets``
 is imported only for the hub path.
@@ -77,32 +78,85 @@ def load_text(split: str, data_dir: str | os.PathLike | None = None) -> str:
     return "\n\n".join(rows)
 
 
-def tokenize(text: str, tokenizer) -> np.ndarray:
-    """Token ids of the whole text, as the tokenizer encodes it by default, ``(N,)`` int64.
+def tokenize(text: str, tokenizer, *, special_tokens: bool = True) -> np.ndarray:
+    """Token ids of the whole text, ``(N,)`` int64: as the tokenizer encodes it by default, or
+    without the special tokens its post-processor adds (``special_tokens=False``; a special token
+    written in the text, such as a chat template's ``<|im_start|>``, still maps to its id).
     ``tokenizer``: a transformers tokenizer or a ``tokenizers.Tokenizer`` (the device side)."""
     from tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
-        ids = tokenizer.encode(text).ids
+        ids = tokenizer.encode(text, add_special_tokens=special_tokens).ids
     else:
-        ids = tokenizer(text, verbose=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 
 
-def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """Non-overlapping windows ``(W, seq_len)``, tail dropped, the first ``max_windows`` kept."""
+def _token_id(tokenizer, token) -> int | None:
+    """The id of a token given as tokenizer_config.json writes it (a string or ``{"content": ...}``)."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.token_to_id(token)
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) else None
+
+
+def bos_id(tokenizer, tokenizer_config: dict | None = None) -> int | None:
+    """The token every window starts with, or None (DESIGN.md, "Perplexity protocol"): the BOS
+    token when the tokenizer prepends it by default (its post-processor: ``tokenizer("x")`` starts
+    with one token more than the text's own, as Llama-2/3 and Gemma do), or when
+    ``tokenizer_config`` (the ``tokenizer_config.json`` beside it) says ``add_bos_token: true``
+    (llama.cpp reads that flag; transformers 5 ignores it when a ``tokenizer.json`` is present).
+    The same rule on both sides, for a transformers tokenizer and a ``tokenizers.Tokenizer``."""
+    with_special = tokenize("x", tokenizer).tolist()
+    plain = tokenize("x", tokenizer, special_tokens=False).tolist()
+    if len(with_special) == len(plain) + 1 and with_special[1:] == plain:
+        return int(with_special[0])
+    cfg = tokenizer_config or {}
+    if cfg.get("add_bos_token") is True:
+        tid = _token_id(tokenizer, cfg.get("bos_token"))
+        if tid is None:
+            tid = getattr(tokenizer, "bos_token_id", None)
+        if tid is None:
+            raise DataError("tokenizer_config.json says add_bos_token, but names no bos_token this tokenizer knows: "
+                            "set bos_token there, or remove add_bos_token")
+        return int(tid)
+    return None
+
+
+def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None, *, bos: int | None = None) -> np.ndarray:
+    """Non-overlapping windows ``(W, seq_len)``, tail dropped, the first ``max_windows`` kept.
+    With ``bos``, each window is ``bos`` followed by the next ``seq_len - 1`` tokens (``tokens``
+    then hold no BOS of their own), so every window still predicts ``seq_len - 1`` text tokens."""
     if seq_len < 2:
         raise DataError(f"seq_len={seq_len} must be at least 2 to predict a token")
-    n = tokens.shape[0] // seq_len
+    step = seq_len - 1 if bos is not None else seq_len
+    n = tokens.shape[0] // step
     if tokens.shape[0] == 0:
         raise DataError("the text gives no tokens: check the data file")
     if n == 0:
-        raise DataError(f"the text has {tokens.shape[0]} tokens, fewer than seq_len={seq_len}: use a shorter --seq-len")
+        raise DataError(f"the text has {tokens.shape[0]} tokens, fewer than the {step} a window of seq_len={seq_len} "
+                        "needs: use a shorter --seq-len or more text")
     if max_windows is not None:
         if max_windows < 1:
             raise DataError(f"--max-windows {max_windows} must be at least 1")
         n = min(n, max_windows)
-    return tokens[: n * seq_len].reshape(n, seq_len)
+    body = tokens[: n * step].reshape(n, step)
+    if bos is None:
+        return body
+    return np.concatenate([np.full((n, 1), bos, dtype=body.dtype), body], axis=1)
+
+
+def text_windows(text: str, tokenizer, seq_len: int, max_windows: int | None = None, *, bos: int | None = None) -> np.ndarray:
+    """``make_windows`` of the text tokenized without special tokens, BOS first where ``bos``
+    (``bos_id``). For a tokenizer that adds nothing by default these are the windows of
+    ``make_windows(tokenize(text, tokenizer), seq_len)``, unchanged."""
+    return make_windows(tokenize(text, tokenizer, special_tokens=False), seq_len, max_windows, bos=bos)
 
 
 def check_context(seq_len: int, max_positions: int | None) -> None:

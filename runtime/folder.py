@@ -106,6 +106,25 @@ def load_tokenizer(folder: str | os.PathLike, override: str | None = None):
         raise RuntimeSetupError(f"{path} is not a readable tokenizer ({str(e).splitlines()[0][:200]}): re-export the folder") from None
 
 
+def tokenizer_config(folder: str | os.PathLike, override: str | None = None) -> dict:
+    """``tokenizer_config.json`` beside the tokenizer ``load_tokenizer(folder, override)`` reads
+    (``{}`` when there is none, or for a hub id): whether windows start with BOS reads its
+    ``add_bos_token`` (``runtime.data.bos_id``)."""
+    if override is not None:
+        src = Path(override).expanduser()
+        base = src if src.is_dir() else src.parent if src.is_file() else None
+    else:
+        base = Path(folder)
+    path = base / "tokenizer_config.json" if base is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RuntimeSetupError(f"{path} is not valid JSON: re-export the folder with sasq-export, or fix the file") from None
+    return data if isinstance(data, dict) else {}
+
+
 def eos_ids(onnx_path: str | os.PathLike) -> tuple[int, ...]:
     """End-of-sequence ids: ``generation_config.json``'s, else ``config.json``'s."""
     folder = Path(onnx_path).parent

@@ -28,9 +28,10 @@ class OnnxPpl:
     windows: int
     seq_len: int
     provider: str
+    bos: bool = False  # every window starts with the tokenizer's BOS token (it is not predicted)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("ppl", "nll", "tokens", "windows", "seq_len", "provider")}
+        return {k: getattr(self, k) for k in ("ppl", "nll", "tokens", "windows", "seq_len", "provider", "bos")}
 
 
 def iter_logits(sess: LMSession, windows: np.ndarray, desc: str = "onnx") -> Iterator[np.ndarray]:
@@ -39,11 +40,13 @@ def iter_logits(sess: LMSession, windows: np.ndarray, desc: str = "onnx") -> Ite
         yield sess.logits(row[None])[0]
 
 
-def perplexity(sess: LMSession, windows: np.ndarray, desc: str = "onnx ppl") -> OnnxPpl:
+def perplexity(sess: LMSession, windows: np.ndarray, desc: str = "onnx ppl", *, bos: bool = False) -> OnnxPpl:
+    """PPL = exp(mean next-token NLL) over ``windows``; ``bos`` records that they start with BOS
+    (``runtime.sources.WindowSet.bos``): each still predicts ``seq_len - 1`` tokens."""
     total, count = 0.0, 0
     for row, logits in zip(windows, iter_logits(sess, windows, desc), strict=True):
         nll = token_nll(logits, row)
         total += float(nll.sum())
         count += nll.shape[0]
     mean = total / count
-    return OnnxPpl(math.exp(mean), mean, count, len(windows), windows.shape[1], sess.providers[0])
+    return OnnxPpl(math.exp(mean), mean, count, len(windows), windows.shape[1], sess.providers[0], bos)

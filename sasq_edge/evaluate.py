@@ -20,9 +20,11 @@ class PplResult:
     tokens: int  # predicted tokens: windows * (seq_len - 1)
     windows: int
     seq_len: int
+    bos: bool = False  # every window starts with the tokenizer's BOS token (it is not predicted)
 
     def to_dict(self) -> dict:
-        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows, "seq_len": self.seq_len}
+        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows, "seq_len": self.seq_len,
+                "bos": self.bos}
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -39,7 +41,9 @@ def iter_logits(model: nn.Module, windows: np.ndarray, desc: str = "torch") -> I
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: np.ndarray, desc: str = "torch ppl", *, progress: bool = True) -> PplResult:
+def perplexity(model: nn.Module, windows: np.ndarray, desc: str = "torch ppl", *, progress: bool = True,
+               bos: bool = False) -> PplResult:
+    """PPL = exp(mean next-token NLL) over ``windows``; ``bos`` records that they start with BOS."""
     total, count = 0.0, 0
     device = _device(model)
     for row in tqdm(windows, desc=desc, unit="window", disable=not progress):
@@ -48,7 +52,7 @@ def perplexity(model: nn.Module, windows: np.ndarray, desc: str = "torch ppl", *
         total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
     nll = total / count
-    return PplResult(math.exp(nll), nll, count, len(windows), windows.shape[1])
+    return PplResult(math.exp(nll), nll, count, len(windows), windows.shape[1], bos)
 
 
 @torch.no_grad()

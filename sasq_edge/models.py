@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from sasq_edge.arch import ARCHITECTURES, unsupported
+from sasq_edge.data import honour_add_bos
 from sasq_edge.errors import ModelLoadError
 
 TINY_PRESET = "tiny-random-llama"
@@ -145,4 +146,5 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
             raise ModelLoadError(f"{spec!r} is not a local folder or file (nothing at {path.absolute()}), and loading it "
                                  f"as a hub id failed ({first[:160]}): check the path, or the hub id and the network") from None
         raise ModelLoadError(f"could not load model {spec!r}: {first}") from None
+    honour_add_bos(tokenizer)
     return LoadedModel(model.eval(), tokenizer, spec)

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.data import check_context, load_text, make_windows, sample_windows, tokenize
+from runtime.data import check_context, sample_windows
+from runtime.sources import CALIBRATION, DEFAULT_SPEC, DataSpec, WindowSet
 from runtime.state import ScaleState
 from sasq_edge.calibrate import calibrate
 from sasq_edge.config import AUTO_ALPHA, QuantConfig
+from sasq_edge.data import bos_of, load_windows
 from sasq_edge.errors import ConfigError, DataError
 from sasq_edge.evaluate import perplexity
 from sasq_edge.models import LoadedModel
@@ -44,10 +46,21 @@ class SasqResult:
         return QuantConfig.from_dict(self.state.method)
 
 
-def training_windows(lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None) -> np.ndarray:
-    """Non-overlapping ``seq_len`` windows of the validation text (never the test split)."""
+def training_data(lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None = None,
+                  data: str | DataSpec | None = None, *, progress: bool = True) -> WindowSet:
+    """The calibration and training windows of ``data`` (a ``--data`` spec; default ``wikitext2``,
+    its validation split, never the test split), ``config.seq_len`` tokens each, BOS-aware; a
+    mix's windows are drawn with ``config.seed``."""
     check_context(config.seq_len, lm.max_positions)
-    return make_windows(tokenize(load_text("validation", data_dir), lm.tokenizer), config.seq_len)
+    return load_windows(lm, data or DEFAULT_SPEC, config.seq_len, CALIBRATION, data_dir=data_dir, seed=config.seed,
+                        progress=progress)
+
+
+def training_windows(lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None,
+                     data: str | DataSpec | None = None) -> np.ndarray:
+    """``training_data(...).windows``: non-overlapping ``seq_len`` windows (default: the WikiText-2
+    validation text)."""
+    return training_data(lm, config, data_dir, data).windows
 
 
 def hold_out(windows: np.ndarray, count: int = SELECT_WINDOWS) -> tuple[np.ndarray, np.ndarray]:
@@ -93,19 +106,27 @@ def search_smooth_alpha(model: nn.Module, config: QuantConfig, calib: np.ndarray
 
 
 def run_sasq(
-    lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None = None, *, progress: bool = True,
-    windows: np.ndarray | None = None, on_step: StepCallback | None = None,
+    lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None = None, *, data: str | DataSpec | None = None,
+    progress: bool = True, windows: np.ndarray | None = None, on_step: StepCallback | None = None,
 ) -> SasqResult:
     """Smooth (if ``config.smooth_alpha``; ``"auto"`` first picks alpha on the last
     ``SELECT_WINDOWS`` validation windows, held out of training) and prepare ``lm.model`` in
     place, initialise scales on ``config.calib_batches`` windows, train them for
     ``config.train_steps`` steps (with the smoothing factors when ``config.smooth_learn``), and
-    return the state. ``windows`` overrides the validation windows loaded from ``data_dir``.
+    return the state. The windows come from ``data`` (a ``--data`` spec, default ``wikitext2``:
+    its validation split, from ``data_dir`` or the hub); ``windows`` overrides them. What was read
+    is recorded in the state's ``training["data"]``.
 
     The model ends as ``apply_state(fresh model, result.state)`` rebuilds it, bit for bit.
     """
     if windows is None:
-        windows = training_windows(lm, config, data_dir)
+        read = training_data(lm, config, data_dir, data, progress=progress)
+        windows, text, record = read.windows, read.text, read.record
+    else:
+        bos = bos_of(lm.tokenizer)
+        text = "windows given to run_sasq"
+        record = {"spec": None, "role": CALIBRATION, "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]),
+                  "bos": bool(bos is not None and (windows[:, 0] == bos).all())}
     search = None
     if config.smooth_alpha == AUTO_ALPHA:
         windows, select = hold_out(windows)
@@ -120,7 +141,7 @@ def run_sasq(
     if config.smooth_learn:
         factors = fold_learnable(lm.model, factors, originals)
     training = {**report.summary(), "calib_windows": int(calib.shape[0]), "train_windows": int(windows.shape[0]),
-                "text": "wikitext2 validation"}
+                "text": text, "data": record}
     if search is not None:
         training["alpha_search"] = {str(a): p for a, p in search.items()}
     state = state_from_model(lm.model, config, lm.source, smooth=factors, training=training)

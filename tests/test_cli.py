@@ -49,6 +49,9 @@ def test_train(run_dir):
     assert (run_dir / "recipe.json").is_file() and (run_dir / "scales.safetensors").is_file()
     recipe = json.loads((run_dir / "recipe.json").read_text())
     assert recipe["training"]["steps"] == 2 and recipe["model"]["source"] == "tiny-random-llama"
+    data = recipe["training"]["data"]  # what the default --data read: WikiText-2 validation, no BOS
+    assert recipe["training"]["text"] == "wikitext2 validation" and (data["spec"], data["bos"]) == ("wikitext2", False)
+    assert data["windows"] == recipe["training"]["train_windows"]
 
 
 def test_export_with_scales_json(tmp_path, run_dir, capsys):
@@ -76,6 +79,18 @@ def test_ppl_and_validate(exported, data_dir, capsys):
     assert code == 0 and rep["passed"] is True
     assert rep["ppl_onnx"] == pytest.approx(res["ppl"], rel=1e-9)
     assert rep["rel_diff"] < 1e-4 and rep["top1_agreement"] == 1.0
+    for r in (res, rep):  # the default evaluation text, recorded; the byte tokenizer adds no BOS
+        assert r["bos"] is False and r["data"]["sources"][0]["read"] == "wikitext2 test" and r["data"]["windows"] == 3
+
+
+def test_validate_on_own_text(exported, tmp_path, capsys):
+    f = tmp_path / "mine.jsonl"
+    lines = [f"My own line number {i}, about nothing much at all." for i in range(20)]
+    f.write_text("\n".join(json.dumps({"body": line}) for line in lines))
+    code = validate_main([str(exported), "--data", f"{f}:body", "--seq-len", "64", "--max-windows", "2", "--json"])
+    rep = _json_tail(capsys)
+    assert code == 0 and rep["passed"] is True and rep["windows"] == 2
+    assert rep["data"]["spec"] == f"{f}:body" and rep["data"]["sources"][0]["windows_available"] == len("\n\n".join(lines)) // 64
 
 
 def test_validate_exit_code_1_on_failed_parity(exported, data_dir, tmp_path, capsys):

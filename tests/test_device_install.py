@@ -75,6 +75,30 @@ def test_ppl_without_torch(folder, data_dir):
     assert got["ppl"] == ref.ppl  # the device's tokenizers library gives the same ids
 
 
+def test_ppl_on_own_files_without_datasets(folder, tmp_path):
+    """``--data`` with .txt and .jsonl files on the device: no datasets needed, the same windows
+    and perplexity as the full install; .parquet and hub ids say in one line what they need."""
+    from runtime.sources import EVALUATION, load_windows
+
+    onnx_path, tokenizer = folder
+    txt = tmp_path / "mine.txt"
+    txt.write_text("Some text of my own, written for this device test. " * 30)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"body": f"Row {i} of my own data, read on the device."}) for i in range(40)))
+    sess = open_session(onnx_path, ["cpu"], 1)
+    for spec in (str(txt), f"{rows}:body", f"0.5*{txt},0.5*{rows}:body"):
+        res = _command("ppl", [str(onnx_path), "--data", spec, "--seq-len", "32", "--threads", "1", "--json"])
+        assert res.returncode == 0, res.stderr
+        got = _last_json(res.stdout)
+        ref = load_windows(spec, tokenizer, 32, EVALUATION, bos=None)
+        assert got["data"] == ref.record and got["ppl"] == perplexity(sess, ref.windows).ppl
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    for spec in (str(tmp_path / "rows.parquet"), "hf:wikitext:wikitext-2-raw-v1:test"):
+        res = _command("ppl", [str(onnx_path), "--data", spec, "--seq-len", "32"])
+        err = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(err) == 1 and "is read with the datasets package, which this install lacks" in err[0]
+
+
 def test_generate_without_torch(folder):
     onnx_path, tokenizer = folder
     res = _command("generate", [str(onnx_path), "--prompt", "The capital of France is", "--max-new-tokens", "12",

@@ -1,16 +1,19 @@
-"""sasq-baseline: WikiText-2 test perplexity of one baseline SASQ is measured against."""
+"""sasq-baseline: the perplexity of one baseline SASQ is measured against (WikiText-2 test, or --data)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from runtime.errors import ConfigError
 from sasq_edge.cli import recipe
 from sasq_edge.cli.common import (
+    DATA_EPILOG,
     add_data_args,
     add_model_args,
     add_runtime_args,
+    data_spec,
     emit,
     entry,
     eval_windows,
@@ -37,11 +40,13 @@ def _baseline(argv: list[str] | None) -> int:
         "  dynamic            per-token absmax activation scales at run time (accuracy reference)\n"
         "  ort-minmax, ort-percentile, ort-entropy\n"
         "                     ONNX Runtime quantize_static (QDQ, u8 activations, s8 per-channel weights)\n"
-        "                     on a float export (sasq-export --float); evaluated on ONNX Runtime",
+        "                     on a float export (sasq-export --float); evaluated on ONNX Runtime\n\n" + DATA_EPILOG,
     )
     p.add_argument("method", help=f"{', '.join(METHODS)}, {', '.join(ORT_METHODS)}")
     add_model_args(p, required=False)
     add_data_args(p)
+    p.add_argument("--calib-data", default="wikitext2", metavar="SPEC",
+                   help="calibration text, the same syntax as --data (default wikitext2: its validation split)")
     recipe.add_train_args(p)
     p.add_argument("--float-onnx", help="ort-*: the float export to quantize (sasq-export --float)")
     p.add_argument("--out", help="ort-*: where to write the quantized .onnx")
@@ -51,6 +56,8 @@ def _baseline(argv: list[str] | None) -> int:
                    help="ort-percentile: ORT's CalibPercentile (default %(default)s)")
     add_runtime_args(p, provider=False)  # ort-*: ONNX Runtime runs on the CPU
     args = p.parse_args(argv)
+    data_spec(args.data)  # a bad spec fails before any work
+    data_spec(args.calib_data)
     if args.method in ORT_METHODS:
         return _baseline_ort(args)
     if args.method not in METHODS:
@@ -59,36 +66,42 @@ def _baseline(argv: list[str] | None) -> int:
         raise ConfigError(f"{args.method} needs --model (hub id, folder, .gguf or tiny-random-llama)")
     import dataclasses
 
-    from runtime.data import load_text, make_windows, sample_windows, tokenize
+    from runtime.data import sample_windows
+    from runtime.sources import EVALUATION, record_summary
     from sasq_edge.baselines import build_method
+    from sasq_edge.data import load_windows
     from sasq_edge.evaluate import perplexity
     from sasq_edge.models import load_model
-    from sasq_edge.pipeline import hold_out, training_windows
+    from sasq_edge.pipeline import hold_out, training_data
 
     config = dataclasses.replace(recipe.config(args), train_steps=0, smooth_learn=False)
     device = recipe.device(args)
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     lm.model.to(device)
-    windows = training_windows(lm, config, args.data_dir)
+    calib_data = training_data(lm, config, args.data_dir, args.calib_data)  # before build_method: self:N samples the float model
+    print(record_summary(calib_data.record), file=sys.stderr, flush=True)
+    windows = calib_data.windows
     select = None
     if args.method == "smoothquant" and config.smooth_alpha in (None, "auto"):
         windows, select = hold_out(windows)
     calib = sample_windows(windows, config.calib_batches, config.seed)
+    test = load_windows(lm, args.data, config.seq_len, EVALUATION, data_dir=args.data_dir, max_windows=args.max_windows)
     model, info = build_method(lm.model, args.method, config, calib, select)
-    test = make_windows(tokenize(load_text("test", args.data_dir), lm.tokenizer), config.seq_len, args.max_windows)
-    res = perplexity(model, test, desc=args.method)
-    out = {**info, **res.to_dict()}
+    res = perplexity(model, test.windows, desc=args.method, bos=test.bos is not None)
+    out = {**info, **res.to_dict(), "data": test.record, "calib_data": calib_data.record}
     extra = f", alpha {info['alpha']}" if "alpha" in info else ""
-    emit(args, f"{args.method}: perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens{extra}", out)
+    emit(args, f"{args.method}: perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens{extra}; "
+         f"data: {test.text}", out)
     return 0
 
 
 def _baseline_ort(args: argparse.Namespace) -> int:
     from exporters.ort_static import quantize_static_baseline
-    from runtime.data import load_text, make_windows, sample_windows, tokenize
-    from runtime.folder import load_tokenizer
+    from runtime.data import bos_id, sample_windows
+    from runtime.folder import load_tokenizer, tokenizer_config
     from runtime.perplexity import perplexity
     from runtime.session import open_session
+    from runtime.sources import CALIBRATION, load_windows
 
     if not args.float_onnx or not args.out:
         raise ConfigError(f"{args.method} needs --float-onnx (from sasq-export --float) and --out (the quantized .onnx)")
@@ -98,15 +111,16 @@ def _baseline_ort(args: argparse.Namespace) -> int:
     if not src.is_file():
         raise ConfigError(f"{src} not found: export the float model first with sasq-export --float")
     open_session(src, ["cpu"], args.threads)  # a corrupt or foreign file fails here, before calibration
-    tokenizer = load_tokenizer(src.parent)
-    valid = tokenize(load_text("validation", args.data_dir), tokenizer)
-    calib = sample_windows(make_windows(valid, args.calib_seq_len), args.calib_batches, args.seed)
+    tokenizer, tok_config = load_tokenizer(src.parent), tokenizer_config(src.parent)
+    calib_data = load_windows(args.calib_data, tokenizer, args.calib_seq_len, CALIBRATION, bos=bos_id(tokenizer, tok_config),
+                              data_dir=args.data_dir, seed=args.seed)
+    calib = sample_windows(calib_data.windows, args.calib_batches, args.seed)
     build = quantize_static_baseline(src, args.out, calib, args.method.removeprefix("ort-"), percentile=args.ort_percentile)
     sess = open_session(args.out, ["cpu"], args.threads)
-    windows = eval_windows(args, Path(args.out), tokenizer)
-    res = perplexity(sess, windows)
+    test = eval_windows(args, Path(args.out), tokenizer, tok_config)
+    res = perplexity(sess, test.windows, bos=test.bos is not None)
     emit(args, f"{args.method}: perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens -> {args.out}",
-         {**build, **res.to_dict(), "onnx": str(args.out)})
+         {**build, **res.to_dict(), "onnx": str(args.out), "data": test.record, "calib_data": calib_data.record})
     return 0
 
 

@@ -93,7 +93,32 @@ def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+DATA_EPILOG = """data (--data SPEC): one source, or a mix W1*SOURCE1,W2*SOURCE2,... (README, "Data")
+  wikitext2                  WikiText-2 (the default): its validation split to calibrate and train, its
+                             raw test split to evaluate; from --data-dir / $SASQ_DATA_DIR, else the hub
+  FILE.txt                   your own text, the whole file (any suffix but .jsonl/.json/.parquet is text)
+  FILE.jsonl[:COLUMN]        rows of a .jsonl / .json / .parquet file: COLUMN (default 'text'); a column of
+                             chat 'messages' [{role, content}], or PROMPT+RESPONSE columns, is rendered
+                             with the model's chat template (training commands and sasq-validate)
+  FOLDER[:COLUMN]            every .txt/.jsonl/.json/.parquet file in it, in path order
+  hf:NAME:CONFIG:SPLIT[:COLUMN]
+                             a datasets id (or a local dataset folder), e.g.
+                             hf:wikitext:wikitext-2-raw-v1:validation:text; CONFIG may be empty
+                             (hf:NAME::train); SPLIT is required and may slice (train[:2000])
+  self:N[:temperature=T][:top_k=K][:seed=S]
+                             N windows of text sampled from the float model (calibration only; sampled
+                             once, then reused from ~/.cache/sasq-edge/selfgen)
+  0.5*wikitext2,0.5*self:64  a mix: each source cut into its own windows, drawn in proportion to the
+                             weights (the scarcest source gives all its windows), interleaved
+Documents are joined with a blank line and cut into windows of --seq-len tokens; where the tokenizer
+adds a BOS token (Llama-2/3, Gemma), every window starts with it and predicts --seq-len - 1 tokens."""
+
+
+def add_data_args(p: argparse.ArgumentParser, role: str = "evaluation") -> None:
+    """``--data`` (read as ``role`` text: ``evaluation`` or ``calibration``), ``--data-dir``, ``--seq-len``."""
+    what = ("calibration and training text (default wikitext2: its validation split)" if role == "calibration"
+            else "evaluation text (default wikitext2: its raw test split)")
+    p.add_argument("--data", default="wikitext2", metavar="SPEC", help=f"{what}; see 'data' below")
     p.add_argument("--data-dir", help="folder with wiki.test.raw and wiki.valid.tokens (default: $SASQ_DATA_DIR, else the hub)")
     p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per window (default 512)")
 
@@ -111,14 +136,24 @@ def providers(args: argparse.Namespace) -> list[str]:
     return [s.strip() for s in args.provider.split(",") if s.strip()]
 
 
-def eval_windows(args: argparse.Namespace, onnx_path: Path, tokenizer):
-    """The evaluation windows of the perplexity protocol for the model at ``onnx_path``."""
-    from runtime.data import check_context, load_text, make_windows, tokenize
+def data_spec(text: str):
+    """``--data`` parsed (``runtime.sources.parse_data_spec``): a bad spec fails before any work."""
+    from runtime.sources import parse_data_spec
+
+    return parse_data_spec(text)
+
+
+def eval_windows(args: argparse.Namespace, onnx_path: Path, tokenizer, tokenizer_config: dict | None = None):
+    """The evaluation windows (a ``runtime.sources.WindowSet``) of ``--data`` for the model at
+    ``onnx_path``, with the folder's ``tokenizers.Tokenizer``: the device side (plain text, files,
+    hub ids; no chat template, no sampling)."""
+    from runtime.data import bos_id, check_context
     from runtime.folder import max_positions
+    from runtime.sources import EVALUATION, load_windows
 
     check_context(args.seq_len, max_positions(onnx_path))
-    tokens = tokenize(load_text("test", args.data_dir), tokenizer)
-    return make_windows(tokens, args.seq_len, args.max_windows)
+    return load_windows(args.data, tokenizer, args.seq_len, EVALUATION, bos=bos_id(tokenizer, tokenizer_config),
+                        data_dir=args.data_dir, max_windows=args.max_windows)
 
 
 def emit(args: argparse.Namespace, summary: str, result: dict) -> None:

@@ -8,24 +8,26 @@ from pathlib import Path
 from runtime.errors import ConfigError
 from runtime.io import preflight
 from sasq_edge.cli import recipe
-from sasq_edge.cli.common import add_data_args, add_model_args, emit, entry, parser
+from sasq_edge.cli.common import DATA_EPILOG, add_data_args, add_model_args, data_spec, emit, entry, parser
 
 
 def _export(argv: list[str] | None) -> int:
-    p = parser("sasq-export", "Export a static INT8 QDQ ONNX model (calibrating and training first unless --scales is given).")
+    p = parser("sasq-export", "Export a static INT8 QDQ ONNX model (calibrating and training first unless --scales is given).",
+               epilog=DATA_EPILOG)
     p.add_argument("onnx", help="output path, e.g. out/model.onnx; the folder also gets config, tokenizer and scales")
     add_model_args(p, required=True)
     p.add_argument("--scales", help="folder written by sasq-train (skip calibration and training)")
     p.add_argument("--float", action="store_true", help="export the unquantized float model (reference)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="export (input_ids, attention_mask) -> logits only, without past_key_values inputs and present outputs")
-    add_data_args(p)
+    add_data_args(p, "calibration")
     recipe.add_train_args(p)
     args = p.parse_args(argv)
     from exporters import export_onnx, output_folder
     from sasq_edge.models import load_model
     from sasq_edge.state import apply_state, load_state
 
+    data_spec(args.data)  # a bad spec fails before the model loads
     if args.float and args.scales:
         raise ConfigError("--float exports the unquantized model: drop --scales, or drop --float")
     out = Path(args.onnx)

@@ -92,15 +92,17 @@ def device(args: argparse.Namespace):
 
 
 def run(lm, args: argparse.Namespace, cfg: QuantConfig):
-    """``run_sasq`` on ``--device`` (the model comes back to the CPU for export); announces the
-    alpha ``--smooth-alpha auto`` picked."""
+    """``run_sasq`` on ``--device`` with ``--data`` (the model comes back to the CPU for export);
+    says what text it read and the alpha ``--smooth-alpha auto`` picked."""
+    from runtime.sources import record_summary
     from sasq_edge.pipeline import run_sasq
 
     lm.model.to(device(args))
     try:
-        result = run_sasq(lm, cfg, args.data_dir)
+        result = run_sasq(lm, cfg, args.data_dir, data=args.data)
     finally:
         lm.model.to("cpu")
+    print(record_summary(result.state.training["data"]), file=sys.stderr, flush=True)
     if result.alpha_search is not None:
         alpha = result.state.method["smooth_alpha"]
         print(f"smooth alpha auto -> {alpha} (validation PPL {result.alpha_search[alpha]:.3f})", file=sys.stderr, flush=True)

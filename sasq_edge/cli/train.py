@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from sasq_edge.cli import recipe
-from sasq_edge.cli.common import add_data_args, add_model_args, emit, entry, parser
+from sasq_edge.cli.common import DATA_EPILOG, add_data_args, add_model_args, data_spec, emit, entry, parser
 
 
 def _train(argv: list[str] | None) -> int:
-    p = parser("sasq-train", "Calibrate and train the activation scales of a model; write scales.safetensors + recipe.json.")
+    p = parser("sasq-train", "Calibrate and train the activation scales of a model; write scales.safetensors + recipe.json.",
+               epilog=DATA_EPILOG)
     p.add_argument("run_dir", help="output folder for the scale state")
     add_model_args(p, required=True)
-    add_data_args(p)
+    add_data_args(p, "calibration")
     recipe.add_train_args(p)
     args = p.parse_args(argv)
     from runtime.io import OutputFolder, preflight
+    from runtime.sources import record_text
     from runtime.state import RECIPE_FILE, SCALES_FILE
     from sasq_edge.models import load_model
 
     cfg = recipe.config(args)
+    data_spec(args.data)  # a bad spec fails before the model loads
     unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
     preflight(unit.folder)
     with unit.lock():  # a second run on the same folder fails now, not after training
@@ -29,9 +32,11 @@ def _train(argv: list[str] | None) -> int:
     what = f"{len(state.scales)} activation scales"
     if factors:
         what += f" and {factors} smoothing factors" if cfg.smooth_learn else f" ({factors} smoothing factors folded)"
-    emit(args, f"trained {what} in {report.steps} steps ({report.tokens} tokens, {report.wall_s:.1f} s) -> {args.run_dir}",
+    data = state.training["data"]
+    emit(args, f"trained {what} in {report.steps} steps ({report.tokens} tokens, {report.wall_s:.1f} s) on "
+         f"{record_text(data)} ({data['windows']} windows) -> {args.run_dir}",
          {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **report.summary(),
-          "smoothing_factors": factors, "smooth_alpha": state.method.get("smooth_alpha")})
+          "smoothing_factors": factors, "smooth_alpha": state.method.get("smooth_alpha"), "data": data})
     return 0
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from runtime.errors import RuntimeSetupError
 from sasq_edge.cli.common import (
+    DATA_EPILOG,
     EXIT_CHECK_FAILED,
     add_data_args,
     add_runtime_args,
+    data_spec,
     emit,
     entry,
-    eval_windows,
     float_in,
     parser,
     providers,
@@ -20,7 +21,8 @@ from sasq_edge.cli.common import (
 
 
 def _validate(argv: list[str] | None) -> int:
-    p = parser("sasq-validate", "Parity of an exported model with the PyTorch fake-quant model rebuilt from its folder's recipe.")
+    p = parser("sasq-validate", "Parity of an exported model with the PyTorch fake-quant model rebuilt from its folder's recipe.",
+               epilog=DATA_EPILOG)
     p.add_argument("onnx", help="model.onnx written by sasq-export (its folder holds recipe.json and scales)")
     p.add_argument("--model", help="load the float model from here instead of the source named in recipe.json")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -31,15 +33,20 @@ def _validate(argv: list[str] | None) -> int:
     add_data_args(p)
     add_runtime_args(p)
     args = p.parse_args(argv)
+    from runtime.data import check_context
+    from runtime.folder import max_positions
     from runtime.fusion import check_fusion
     from runtime.parity import compare
     from runtime.perplexity import iter_logits as onnx_logits
     from runtime.session import open_session
+    from runtime.sources import EVALUATION
     from runtime.state import ScaleState
+    from sasq_edge.data import load_windows
     from sasq_edge.evaluate import iter_logits
     from sasq_edge.models import load_model
     from sasq_edge.state import apply_state
 
+    data_spec(args.data)  # a bad spec fails before any model loads
     path = Path(args.onnx)
     sess = open_session(path, providers(args), args.threads)
     if sess.profile is None:
@@ -50,14 +57,18 @@ def _validate(argv: list[str] | None) -> int:
     state = ScaleState.load(path.parent)
     lm = load_model(args.model or state.model_source, trust_remote_code=args.trust_remote_code)
     apply_state(lm.model, state)
-    windows = eval_windows(args, path, lm.tokenizer)
+    check_context(args.seq_len, max_positions(path))
+    data = load_windows(lm, args.data, args.seq_len, EVALUATION, data_dir=args.data_dir, max_windows=args.max_windows)
+    windows = data.windows  # the same windows, built once with the model's own tokenizer, feed both sides
     rep = compare(windows, iter_logits(lm.model, windows), onnx_logits(sess, windows)).report(args.rel_tol, args.min_top1)
     passed = rep.passed and (fusion is None or fusion.passed)
     verdict = "PASSED" if rep.passed else "FAILED"
-    result = {**rep.to_dict(), "fusion": None if fusion is None else fusion.to_dict(), "passed": passed}
+    result = {**rep.to_dict(), "bos": data.bos is not None, "data": data.record,
+              "fusion": None if fusion is None else fusion.to_dict(), "passed": passed}
     emit(args, f"parity {verdict}: ppl torch {rep.ppl_torch:.4f}, onnx {rep.ppl_onnx:.4f} "
          f"(rel diff {rep.rel_diff:.2e}, tol {rep.rel_tol}), top-1 agreement {rep.top1_agreement:.4f}, "
          f"max |logit diff| {rep.max_abs_logit_diff:.3g} over {rep.windows} windows"
+         + (", BOS first" if data.bos is not None else "")
          + ("" if fusion is None else f"; fusion {'PASSED' if fusion.passed else 'FAILED'}"), result)
     return 0 if passed else EXIT_CHECK_FAILED
 
