@@ -88,17 +88,32 @@ def percentile_scale(x: torch.Tensor, grid: IntGrid, percentile: float) -> float
 
 
 @torch.no_grad()
-def mse_scale(x: torch.Tensor, grid: IntGrid, candidates: int = 80, min_ratio: float = 0.02) -> float:
+def mse_scale(x: torch.Tensor, grid: IntGrid, candidates: int = 80, min_ratio: float = 0.02,
+              sample: int = 1 << 16, top: int = 1024) -> float:
     """Scale whose clipping range ``r * max|x|`` minimises the mean squared quantization error,
-    searched over ``candidates`` ratios ``r`` evenly spaced in ``[min_ratio, 1]``."""
+    searched over ``candidates`` ratios ``r`` evenly spaced in ``[min_ratio, 1]``.
+
+    A tensor of more than ``sample + top`` values is not searched whole: its ``top`` largest
+    magnitudes are always counted exactly (the rare massive activations whose clipping error
+    decides the range), and the error of the rest is estimated from a fixed, seeded random sample
+    of ``sample`` values, weighted up to the rest's size (an unbiased estimate). That makes one
+    calibration batch about 10x cheaper on a 2-core CPU for 2048-token windows."""
     flat = x.detach().flatten().to(torch.float32)
     amax = float(flat.abs().max())
     if amax == 0.0:
         return 1.0 / grid.qmax
+    parts = [(flat, 1.0)]
+    if flat.numel() > sample + top:
+        mags = flat.abs()
+        cut = mags.topk(top).values[-1]
+        big, rest = flat[mags >= cut], flat[mags < cut]
+        gen = torch.Generator(device=rest.device).manual_seed(0)
+        pick = torch.randperm(rest.numel(), generator=gen, device=rest.device)[:sample]
+        parts = [(big, 1.0), (rest[pick], rest.numel() / sample)]
     best_scale, best_err = amax / grid.qmax, math.inf
     for r in torch.linspace(min_ratio, 1.0, candidates).tolist():
         s = torch.tensor(r * amax / grid.qmax)
-        err = float(torch.mean((fake_quant(flat, s, grid) - flat) ** 2))
+        err = sum(w * float(torch.sum((fake_quant(v, s, grid) - v) ** 2)) for v, w in parts)
         if err < best_err:
             best_scale, best_err = float(s), err
     return best_scale

@@ -92,3 +92,16 @@ def test_soft_truncation_bounds():
     out = soft_truncate(x, torch.tensor(5.0))
     assert out.abs().max() <= 5.0
     assert float(out[3]) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_mse_search_on_a_sample_keeps_the_outliers():
+    """A large tensor is searched on its largest magnitudes plus a seeded sample of the rest: the
+    chosen scale equals the whole-tensor search's here, and a few massive values still decide it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600_000, generator=g)
+    x[::150_000] *= 900.0  # four massive activations, as in SmolLM2's down_proj inputs
+    whole = mse_scale(x, INT8, sample=10**9)
+    sampled = mse_scale(x, INT8)
+    assert sampled == whole
+    assert sampled * INT8.qmax > 0.5 * float(x.abs().max())  # the range still reaches the outliers
+    assert mse_scale(x, INT8) == sampled  # seeded: the same every time
