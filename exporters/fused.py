@@ -67,9 +67,9 @@ def _layers(config) -> list[_Layer]:
             sliding = bool(window)  # Mistral: one window for every layer when set
         no_rope = getattr(config, "no_rope_layers", None)
         rope = bool(no_rope[i]) if no_rope else True
-        # HF keeps keys with kv > q - window (the window counts the query itself); ORT's
-        # local_window_size counts the keys before it
-        out.append(_Layer(rope, int(window) - 1 if sliding else -1))
+        # HF keeps the keys kv > q - window; GroupQueryAttention's local_window_size with the same
+        # number attends to the same keys (tests/test_families.py: Mistral and SmolLM3 windows)
+        out.append(_Layer(rope, int(window) if sliding else -1))
     return out
 
 
@@ -228,15 +228,15 @@ class FusedBuilder:
             q = self.linear(normed, f"{p}.self_attn.q_proj", f"{n}/attn/q_proj")
             k = self.linear(normed, f"{p}.self_attn.k_proj", f"{n}/attn/k_proj")
             v = self.linear(normed, f"{p}.self_attn.v_proj", f"{n}/attn/v_proj")
+            attn_module = self.model.get_submodule(f"{p}.self_attn")
+            if hasattr(attn_module, "q_norm"):  # Qwen3: per-head RMSNorm on q and k, before rotary
+                # (GroupQueryAttention's q/k-norm inputs run on CUDA only, so the norm stands before it)
+                q = self._head_norm(q, f"{p}.self_attn.q_norm", lay.heads, f"{n}/attn/q_norm")
+                k = self._head_norm(k, f"{p}.self_attn.k_norm", lay.kv_heads, f"{n}/attn/k_norm")
             gqa_in = [q, k, v, past_names[2 * i], past_names[2 * i + 1], seqlens, total]
             gqa_in += [cos, sin] if spec.rope else ["", ""]
             attrs = dict(num_heads=lay.heads, kv_num_heads=lay.kv_heads, do_rotary=int(spec.rope),
                          local_window_size=spec.window, scale=float(self._attn_scale()))
-            attn_module = self.model.get_submodule(f"{p}.self_attn")
-            if hasattr(attn_module, "q_norm"):  # Qwen3: per-head RMSNorm on q and k, before rotary
-                gqa_in += ["", "", "", "", "", "", self._norm_weight(f"{p}.self_attn.q_norm"),
-                           self._norm_weight(f"{p}.self_attn.k_norm")]
-                attrs["qk_norm_epsilon"] = float(attn_module.q_norm.variance_epsilon)
             attn = g.op("GroupQueryAttention", gqa_in, f"{n}/attn/GroupQueryAttention",
                         [f"{n}/attn/output", present_names[2 * i], present_names[2 * i + 1]], domain=MS, **attrs)[0]
             o = self.linear(attn, f"{p}.self_attn.o_proj", f"{n}/attn/o_proj")
@@ -249,6 +249,23 @@ class FusedBuilder:
         logits = self._head(normed)
         return self._model(logits, past_names, present_names)
 
+    def _rms(self, x: str, gamma: str, eps: float, name: str) -> str:
+        """RMSNorm over the last axis in standard ops (onnx.checker knows them; ONNX Runtime fuses
+        the pattern into SimplifiedLayerNormalization)."""
+        g = self.g
+        sq = g.one("Pow", [x, g.scalar(np.float32(2), np.float32)], f"{name}/Pow")
+        mean = g.one("ReduceMean", [sq, g.init(f"{name}/axes", np.array([-1], np.int64))], f"{name}/ReduceMean", keepdims=1)
+        rms = g.one("Sqrt", [g.one("Add", [mean, g.scalar(np.float32(eps), np.float32)], f"{name}/Add")], f"{name}/Sqrt")
+        return g.one("Mul", [g.one("Div", [x, rms], f"{name}/Div"), gamma], f"{name}/Mul")
+
+    def _head_norm(self, x: str, module_name: str, heads: int, name: str) -> str:
+        """Per-head RMSNorm of ``(B, S, heads * D)``: reshaped to ``(B, S, heads, D)`` and back."""
+        g, d = self.g, self.lay.head_dim
+        eps = float(self.model.get_submodule(module_name).variance_epsilon)
+        split = g.one("Reshape", [x, g.scalar(np.array([0, 0, heads, d], np.int64), np.int64)], f"{name}/Reshape")
+        normed = self._rms(split, self._norm_weight(module_name), eps, name)
+        return g.one("Reshape", [normed, g.scalar(np.array([0, 0, heads * d], np.int64), np.int64)], f"{name}/Reshape_back")
+
     def _attn_scale(self) -> float:
         return float(getattr(self.model.get_submodule("model.layers.0.self_attn"), "scaling", self.lay.head_dim ** -0.5))
 
@@ -256,12 +273,8 @@ class FusedBuilder:
         """RMSNorm of ``residual + x`` (of ``residual`` alone for the first layer): the normed
         tensor and the new residual stream."""
         gamma = self._norm_weight(module_name)
-        if x is None:  # standard ops (onnx.checker knows them); ONNX Runtime fuses them to SimplifiedLayerNormalization
-            g = self.g
-            sq = g.one("Pow", [residual, g.scalar(np.float32(2), np.float32)], f"{name}/Pow")
-            mean = g.one("ReduceMean", [sq, g.init(f"{name}/axes", np.array([-1], np.int64))], f"{name}/ReduceMean", keepdims=1)
-            rms = g.one("Sqrt", [g.one("Add", [mean, g.scalar(np.float32(eps), np.float32)], f"{name}/Add")], f"{name}/Sqrt")
-            return g.one("Mul", [g.one("Div", [residual, rms], f"{name}/Div"), gamma], f"{name}/Mul"), residual
+        if x is None:
+            return self._rms(residual, gamma, eps, name), residual
         outs = self.g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], f"{name}/SkipSimplifiedLayerNormalization",
                          4, domain=MS, epsilon=eps)
         return outs[0], outs[3]
