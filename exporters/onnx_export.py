@@ -27,6 +27,7 @@ from torch import nn
 
 from exporters.fused import FUSED_FAMILIES, fused_proto
 from exporters.fused import supports as fused_supports
+from exporters.genai import GENAI_FILE, genai_config
 from exporters.lowering import ExportError, lowered
 from exporters.passes import op_counts, pretranspose_int8_weights, rename_initializers, set_metadata
 from runtime.folder import COMPANION_FILES, CONFIG_FILE, manifest
@@ -297,6 +298,9 @@ def export_onnx(
             tokenizer.save_pretrained(str(stage))
         if state is not None:
             state.write_files(stage)
+        if kind == "fused":  # ONNX Runtime GenAI loads the folder too
+            config = genai_config(model, out_path.name, dict(state.deploy.session_options))
+            (stage / GENAI_FILE).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         props[META_FILES] = json.dumps(manifest(stage, [p.name for p in stage.iterdir()]))
         proto = set_metadata(proto, props)
         proto.producer_name, proto.producer_version = "sasq-edge", __version__
