@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,6 +123,46 @@ def stream(
         else:
             logits = sess.logits(np.array([ids]))
         stats.decode_s.append(time.perf_counter() - t)
+
+
+class TextStream:
+    """Text of a token stream, piece by piece, in constant time per token.
+
+    Decoding the whole list again for every new token costs O(n) per token (O(n^2) in all). This
+    decodes only the tokens since a recent offset: ``push(token)`` decodes
+    ``tokens[prefix:]`` and ``tokens[prefix:read]`` and returns what the new token added, holding
+    text back while it ends in an incomplete UTF-8 character (U+FFFD); the offsets then move up,
+    so each call decodes a handful of tokens. Byte-level BPE tokenizers decode a suffix of tokens
+    to the suffix of the text, which is what makes this exact (tests/test_generate.py checks the
+    pieces join to ``decode(all tokens)``). ``decode``: a ``tokens -> str`` function.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.prefix = 0  # decode from here ...
+        self.read = 0  # ... text up to here was already given out
+        self.longest_decode = 0  # the most tokens one call decoded (constant, whatever the length)
+
+    def _decode(self, tokens: list[int]) -> str:
+        self.longest_decode = max(self.longest_decode, len(tokens))
+        return self.decode(tokens)
+
+    def push(self, token: int) -> str:
+        self.tokens.append(int(token))
+        before = self._decode(self.tokens[self.prefix:self.read])
+        after = self._decode(self.tokens[self.prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""  # an incomplete character: wait for the next token
+        self.prefix, self.read = self.read, len(self.tokens)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """What is still held back at the end (an incomplete character as U+FFFD)."""
+        before = self._decode(self.tokens[self.prefix:self.read])
+        after = self._decode(self.tokens[self.prefix:])
+        self.prefix = self.read = len(self.tokens)
+        return after[len(before):]
 
 
 def generate(

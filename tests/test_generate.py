@@ -351,3 +351,18 @@ def test_cli_bad_sampling_flag(quant, capsys):
     _, sess, _ = quant
     code, out, err = _cli(capsys, str(sess.path), "--prompt", "hello", "--top-p", "0")
     assert code == 2 and len(err) == 1 and "argument --top-p: 0 must be a finite number in (0, 1]" in err[0]
+
+
+def test_text_stream_is_exact_and_constant_time():
+    """The pieces join to the whole text, multi-byte characters split across tokens included, and
+    no call decodes more than a few tokens however long the stream grows."""
+    from runtime.generate import TextStream
+    from sasq_edge.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "héllo wörld — ünïcode ✓ 漢字 " * 40  # 2-, 3- and 4-byte characters, one byte per token
+    ids = tok(text)["input_ids"]
+    pieces = TextStream(lambda t: tok.decode(t))
+    out = "".join(pieces.push(t) for t in ids) + pieces.flush()
+    assert out == text and len(ids) > 1000
+    assert pieces.longest_decode <= 8  # one character's bytes and the one before: constant per token

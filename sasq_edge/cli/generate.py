@@ -21,7 +21,7 @@ def _generate(argv: list[str] | None) -> int:
     add_runtime_args(p, windows=False)
     args = p.parse_args(argv)
     from runtime.folder import eos_ids, load_tokenizer, max_positions
-    from runtime.generate import GenerationStats, Sampling, stream
+    from runtime.generate import GenerationStats, Sampling, TextStream, stream
     from runtime.session import open_session
 
     path = Path(args.onnx)
@@ -31,16 +31,16 @@ def _generate(argv: list[str] | None) -> int:
     sampling = Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed, stop)
     prompt = tok.encode(args.prompt).ids
     stats, new = GenerationStats(), []
-    shown = ""
+    pieces = TextStream(tok.decode)  # constant work per token, whatever the length so far
     for token in stream(sess, prompt, sampling, max_positions(path), stats):
         new.append(token)
-        text = tok.decode(new)
-        if not args.json and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    text = tok.decode(new)
+        piece = pieces.push(token)
+        if piece and not args.json:
+            print(piece, end="", flush=True)
+    rest = pieces.flush()
     if not args.json:
-        print(text[len(shown):], flush=True)
+        print(rest, flush=True)
+    text = tok.decode(new)
     result = {"prompt": args.prompt, "text": text, "tokens": new, **stats.to_dict()}
     emit(args, f"{stats.new_tokens} new tokens ({stats.stopped}); prefill {stats.prompt_tokens} tokens in "
          f"{1000 * stats.prefill_s:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s on {sess.providers[0]}", result)
