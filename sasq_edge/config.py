@@ -90,6 +90,13 @@ class QuantConfig:
                 raise ConfigError("targets must be a non-empty list of module names such as 'q_proj'")
             object.__setattr__(self, "targets", tuple(self.targets))
 
+    @classmethod
+    def from_recipe(cls, name: str = "default", **overrides: Any) -> QuantConfig:
+        """A preset of ``RECIPES`` (``fast``, ``default``, ``best``), with ``overrides`` on top."""
+        if name not in RECIPES:
+            raise ConfigError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **overrides})
+
     @property
     def deploy(self) -> DeployProfile:
         return get_profile(self.profile)
@@ -110,3 +117,18 @@ class QuantConfig:
         if d.get("targets") is not None:
             d["targets"] = tuple(d["targets"])
         return cls(**d)
+
+
+# The presets the command line starts from (``--recipe``; ``default`` when none is named). The
+# dataclass's own defaults above are the plain method (absmax init, no smoothing, next-token
+# loss); ``default`` is the recipe that measured best on held-out text within the CPU budget
+# (bench/results/quality_smollm2.md: quality against steps and sequence length, distillation
+# against cross-entropy, on WikiText-2 and three other domains); ``fast`` trades a little quality
+# for a few minutes; ``best`` is the longest run measured (a GPU's worth of steps).
+_LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, lr_schedule="cosine", lr=0.01,
+                objective="kd")
+RECIPES: dict[str, dict[str, Any]] = {
+    "fast": {**_LEARNED, "seq_len": 512, "train_steps": 50},
+    "default": {**_LEARNED, "seq_len": 512, "train_steps": 100},
+    "best": {**_LEARNED, "seq_len": 2048, "train_steps": 200},
+}

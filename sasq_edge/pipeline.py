@@ -105,6 +105,10 @@ def search_smooth_alpha(model: nn.Module, config: QuantConfig, calib: np.ndarray
     return min(finite, key=finite.get), ppl
 
 
+def _ppl(model: nn.Module, windows: np.ndarray) -> float:
+    return perplexity(model, windows, desc="held-out", progress=False).ppl
+
+
 def run_sasq(
     lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None = None, *, data: str | DataSpec | None = None,
     progress: bool = True, windows: np.ndarray | None = None, on_step: StepCallback | None = None,
@@ -113,7 +117,9 @@ def run_sasq(
     ``SELECT_WINDOWS`` validation windows, held out of training) and prepare ``lm.model`` in
     place, initialise scales on ``config.calib_batches`` windows, train them for
     ``config.train_steps`` steps (with the smoothing factors when ``config.smooth_learn``), and
-    return the state. The windows come from ``data`` (a ``--data`` spec, default ``wikitext2``:
+    return the state. With 8 windows or more (or ``"auto"``), the last ``SELECT_WINDOWS`` are
+    held out of training, and the result's ``training["heldout"]`` says their perplexity under
+    the float model, after PTQ, and after training. The windows come from ``data`` (a ``--data`` spec, default ``wikitext2``:
     its validation split, from ``data_dir`` or the hub); ``windows`` overrides them. What was read
     is recorded in the state's ``training["data"]``.
 
@@ -127,21 +133,31 @@ def run_sasq(
         text = "windows given to run_sasq"
         record = {"spec": None, "role": CALIBRATION, "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]),
                   "bos": bool(bos is not None and (windows[:, 0] == bos).all())}
-    search = None
-    if config.smooth_alpha == AUTO_ALPHA:
+    search, select, heldout = None, None, {}
+    if config.smooth_alpha == AUTO_ALPHA or windows.shape[0] >= 2 * SELECT_WINDOWS:
+        # the last windows never train: they pick alpha and measure what training did
         windows, select = hold_out(windows)
+        heldout = {"windows": int(select.shape[0]), "seq_len": int(select.shape[1]),
+                   "float_ppl": _ppl(lm.model, select)}
+    if config.smooth_alpha == AUTO_ALPHA:
         alpha, search = search_smooth_alpha(lm.model, config, sample_windows(windows, config.calib_batches, config.seed), select)
         config = dataclasses.replace(config, smooth_alpha=alpha)
     calib = sample_windows(windows, config.calib_batches, config.seed)
     originals = snapshot(lm.model, config.targets) if config.smooth_learn else {}
     factors = quantize_ptq(lm.model, config, calib)
+    if heldout:
+        heldout["ptq_ppl"] = _ppl(lm.model, select)
     if config.smooth_learn:
         attach_learnable(lm.model, factors)
     report = train_scales(lm.model, torch.from_numpy(windows), config, progress=progress, on_step=on_step)
     if config.smooth_learn:
         factors = fold_learnable(lm.model, factors, originals)
+    if heldout:
+        heldout["trained_ppl"] = _ppl(lm.model, select)
     training = {**report.summary(), "calib_windows": int(calib.shape[0]), "train_windows": int(windows.shape[0]),
-                "text": text, "data": record}
+                "text": text, "data": record, "objective": config.objective}
+    if heldout:
+        training["heldout"] = heldout
     if search is not None:
         training["alpha_search"] = {str(a): p for a, p in search.items()}
     state = state_from_model(lm.model, config, lm.source, smooth=factors, training=training)

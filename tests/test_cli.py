@@ -51,7 +51,12 @@ def test_train(run_dir):
     assert recipe["training"]["steps"] == 2 and recipe["model"]["source"] == "tiny-random-llama"
     data = recipe["training"]["data"]  # what the default --data read: WikiText-2 validation, no BOS
     assert recipe["training"]["text"] == "wikitext2 validation" and (data["spec"], data["bos"]) == ("wikitext2", False)
-    assert data["windows"] == recipe["training"]["train_windows"]
+    # the default recipe holds the last 4 windows out of training: they pick SmoothQuant's alpha and
+    # measure the perplexity before and after training
+    heldout = recipe["training"]["heldout"]
+    assert data["windows"] == recipe["training"]["train_windows"] + heldout["windows"] and heldout["windows"] == 4
+    assert {"float_ppl", "ptq_ppl", "trained_ppl"} <= set(heldout)
+    assert recipe["method"]["objective"] == "kd" and recipe["method"]["smooth_learn"] is True
 
 
 def test_export_with_scales_json(tmp_path, run_dir, capsys):

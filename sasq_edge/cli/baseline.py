@@ -102,6 +102,7 @@ def _baseline_ort(args: argparse.Namespace) -> int:
     from runtime.perplexity import perplexity
     from runtime.session import open_session
     from runtime.sources import CALIBRATION, load_windows
+    from sasq_edge.config import QuantConfig
 
     if not args.float_onnx or not args.out:
         raise ConfigError(f"{args.method} needs --float-onnx (from sasq-export --float) and --out (the quantized .onnx)")
@@ -112,9 +113,12 @@ def _baseline_ort(args: argparse.Namespace) -> int:
         raise ConfigError(f"{src} not found: export the float model first with sasq-export --float")
     open_session(src, ["cpu"], args.threads)  # a corrupt or foreign file fails here, before calibration
     tokenizer, tok_config = load_tokenizer(src.parent), tokenizer_config(src.parent)
+    preset = QuantConfig.from_recipe(args.recipe)
+    seed = preset.seed if args.seed is None else args.seed
+    batches = preset.calib_batches if args.calib_batches is None else args.calib_batches
     calib_data = load_windows(args.calib_data, tokenizer, args.calib_seq_len, CALIBRATION, bos=bos_id(tokenizer, tok_config),
-                              data_dir=args.data_dir, seed=args.seed)
-    calib = sample_windows(calib_data.windows, args.calib_batches, args.seed)
+                              data_dir=args.data_dir, seed=seed)
+    calib = sample_windows(calib_data.windows, batches, seed)
     build = quantize_static_baseline(src, args.out, calib, args.method.removeprefix("ort-"), percentile=args.ort_percentile)
     sess = open_session(args.out, ["cpu"], args.threads)
     test = eval_windows(args, Path(args.out), tokenizer, tok_config)

@@ -120,7 +120,11 @@ def add_data_args(p: argparse.ArgumentParser, role: str = "evaluation") -> None:
             else "evaluation text (default wikitext2: its raw test split)")
     p.add_argument("--data", default="wikitext2", metavar="SPEC", help=f"{what}; see 'data' below")
     p.add_argument("--data-dir", help="folder with wiki.test.raw and wiki.valid.tokens (default: $SASQ_DATA_DIR, else the hub)")
-    p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per window (default 512)")
+    if role == "calibration":
+        p.add_argument("--seq-len", type=int_at_least(2), default=None,
+                       help="tokens per calibration and training window (default: the --recipe's)")
+    else:
+        p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per window (default 512)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser, windows: bool = True, provider: bool = True) -> None:

@@ -32,11 +32,18 @@ def _train(argv: list[str] | None) -> int:
     what = f"{len(state.scales)} activation scales"
     if factors:
         what += f" and {factors} smoothing factors" if cfg.smooth_learn else f" ({factors} smoothing factors folded)"
-    data = state.training["data"]
-    emit(args, f"trained {what} in {report.steps} steps ({report.tokens} tokens, {report.wall_s:.1f} s) on "
-         f"{record_text(data)} ({data['windows']} windows) -> {args.run_dir}",
+    data, heldout = state.training["data"], state.training.get("heldout")
+    summary = (f"trained {what} ({cfg.objective} objective, profile {state.profile}) in {report.steps} steps "
+               f"({report.tokens} tokens, {report.wall_s:.1f} s) on {record_text(data)} ({data['windows']} windows) "
+               f"-> {args.run_dir}")
+    if heldout:
+        summary += (f"\nheld-out validation perplexity ({heldout['windows']} windows of {heldout['seq_len']} tokens never "
+                    f"trained on): float {heldout['float_ppl']:.3f}, after calibration {heldout['ptq_ppl']:.3f}, "
+                    f"after training {heldout['trained_ppl']:.3f}")
+    emit(args, summary,
          {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **report.summary(),
-          "smoothing_factors": factors, "smooth_alpha": state.method.get("smooth_alpha"), "data": data})
+          "objective": cfg.objective, "smoothing_factors": factors, "smooth_alpha": state.method.get("smooth_alpha"),
+          "data": data, "heldout": heldout})
     return 0
 
 
