@@ -25,7 +25,9 @@ graph. Families: the Llama-shaped decoders (``FUSED_FAMILIES``); others export t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -73,12 +75,42 @@ def _layers(config) -> list[_Layer]:
     return out
 
 
+class ExternalData:
+    """Initializer bytes appended to one file as they are made (``model.onnx.data``), so a model of
+    any size is written with one tensor in memory at a time; the graph keeps only references."""
+
+    ALIGN = 4096  # offsets on page boundaries, so ONNX Runtime can map the file
+
+    def __init__(self, path: str | os.PathLike, location: str, min_bytes: int = 1024) -> None:
+        self.path, self.location, self.min_bytes = Path(path), location, min_bytes
+        self._file = open(self.path, "wb")  # noqa: SIM115  closed by close()
+        self.bytes = 0
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto | None:
+        """An external TensorProto for ``array``, or None when it is small enough to stay inline."""
+        if array.nbytes < self.min_bytes:
+            return None
+        offset = -self._file.tell() % self.ALIGN + self._file.tell()
+        self._file.seek(offset)
+        self._file.write(np.ascontiguousarray(array).tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            t.external_data.add(key=key, value=value)
+        self.bytes += array.nbytes
+        return t
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class _Graph:
     """Nodes, initializers and names for one graph."""
 
-    def __init__(self) -> None:
+    def __init__(self, external: ExternalData | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self.external = external
         self._names: set[str] = set()
         self._scalars: dict[tuple, str] = {}
 
@@ -86,7 +118,9 @@ class _Graph:
         assert name not in self._names, name
         self._names.add(name)
         array = np.asarray(array)
-        self.inits.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(order="C"), name))
+        array = array if array.flags.c_contiguous else array.copy(order="C")
+        t = self.external.tensor(name, array) if self.external is not None else None
+        self.inits.append(t if t is not None else numpy_helper.from_array(array, name))
         return name
 
     def scalar(self, value, dtype) -> str:
@@ -117,17 +151,48 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
-class FusedBuilder:
-    """Writes the fused graph of ``model`` quantized as ``state`` says (see the module docstring)."""
+class ModelSource:
+    """Where the builder reads weights: the modules of a model in memory. A source that loads a
+    checkpoint one decoder layer at a time (``sasq_edge.layerwise``) has the same methods, so
+    the builder never needs the whole model at once."""
 
-    def __init__(self, model: nn.Module, state: ScaleState, max_positions: int | None = None) -> None:
-        if not supports(model):
-            raise ValueError(f"no fused graph for {model.config.model_type!r}: supported are {', '.join(FUSED_FAMILIES)}")
-        self.model, self.state, self.cfg = model, state, model.config
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.config = model, model.config
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def embedding(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def head(self) -> tuple[str, nn.Module]:
+        head = self.model.get_output_embeddings()
+        return next(n for n, m in self.model.named_modules() if m is head), head
+
+    def tied(self) -> bool:
+        """Whether the output head reads the embedding table itself."""
+        return self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+
+    def rotary(self) -> nn.Module:
+        return self.model.model.rotary_emb
+
+    def release(self, prefix: str) -> None:
+        """The builder is done with the modules under ``prefix``; a streaming source frees them."""
+
+
+class FusedBuilder:
+    """Writes the fused graph of the model ``source`` reads, quantized as ``state`` says (see the
+    module docstring). ``external``: stream initializers to a data file as they are made."""
+
+    def __init__(self, source: ModelSource, state: ScaleState, max_positions: int | None = None,
+                 external: ExternalData | None = None) -> None:
+        if getattr(source.config, "model_type", None) not in FUSED_FAMILIES:
+            raise ValueError(f"no fused graph for {source.config.model_type!r}: supported are {', '.join(FUSED_FAMILIES)}")
+        self.src, self.state, self.cfg = source, state, source.config
         self.deploy = state.deploy
         self.lay = AttentionLayout.of(self.cfg)
         self.max_positions = max_positions or self.cfg.max_position_embeddings
-        self.g = _Graph()
+        self.g = _Graph(external)
         self.digest_items: list[tuple[str, np.ndarray, np.ndarray]] = []
         self._act: dict[tuple[str, float], str] = {}
 
@@ -149,7 +214,7 @@ class FusedBuilder:
         """``x @ W^T (+ b)``: Q/DQ on ``x`` and an INT8 weight when the state quantizes
         ``module_name``, else a float MatMul."""
         g = self.g
-        module = self.model.get_submodule(module_name)
+        module = self.src.module(module_name)
         bias = getattr(module, "bias", None)
         if module_name in self.state.scales:
             codes, scale = encode_weight(_f32(module.weight), self.deploy.weight)  # (N, K), (N,)
@@ -174,7 +239,7 @@ class FusedBuilder:
     # --- the graph ---------------------------------------------------------------------------
 
     def _embed(self, ids: str) -> str:
-        g, emb = self.g, self.model.get_input_embeddings()
+        g, emb = self.g, self.src.embedding()
         if self.state.embedding != "int8":
             table = g.init("model.embed_tokens.weight", _f32(emb.weight))
             return g.one("Gather", [table, ids], "/model/embed_tokens/Gather")
@@ -193,7 +258,7 @@ class FusedBuilder:
     def _rotary_caches(self) -> tuple[str, str]:
         """cos/sin tables ``(max_positions, head_dim / 2)`` from the model's own rotary module, so
         RoPE scaling (Llama 3, ...) and its attention scaling come with them."""
-        rotary = self.model.model.rotary_emb
+        rotary = self.src.rotary()
         pos = torch.arange(self.max_positions, dtype=torch.long)[None]
         dummy = torch.zeros(1, dtype=torch.float32)
         with torch.no_grad():
@@ -202,7 +267,7 @@ class FusedBuilder:
         return (self.g.init("cos_cache", _f32(cos[0, :, :half])), self.g.init("sin_cache", _f32(sin[0, :, :half])))
 
     def _norm_weight(self, module_name: str) -> str:
-        return self.g.init(f"{module_name}.weight", _f32(self.model.get_submodule(module_name).weight))
+        return self.g.init(f"{module_name}.weight", _f32(self.src.module(module_name).weight))
 
     def build(self) -> onnx.ModelProto:
         g, cfg, lay = self.g, self.cfg, self.lay
@@ -228,7 +293,7 @@ class FusedBuilder:
             q = self.linear(normed, f"{p}.self_attn.q_proj", f"{n}/attn/q_proj")
             k = self.linear(normed, f"{p}.self_attn.k_proj", f"{n}/attn/k_proj")
             v = self.linear(normed, f"{p}.self_attn.v_proj", f"{n}/attn/v_proj")
-            attn_module = self.model.get_submodule(f"{p}.self_attn")
+            attn_module = self.src.module(f"{p}.self_attn")
             if hasattr(attn_module, "q_norm"):  # Qwen3: per-head RMSNorm on q and k, before rotary
                 # (GroupQueryAttention's q/k-norm inputs run on CUDA only, so the norm stands before it)
                 q = self._head_norm(q, f"{p}.self_attn.q_norm", lay.heads, f"{n}/attn/q_norm")
@@ -236,7 +301,7 @@ class FusedBuilder:
             gqa_in = [q, k, v, past_names[2 * i], past_names[2 * i + 1], seqlens, total]
             gqa_in += [cos, sin] if spec.rope else ["", ""]
             attrs = dict(num_heads=lay.heads, kv_num_heads=lay.kv_heads, do_rotary=int(spec.rope),
-                         local_window_size=spec.window, scale=float(self._attn_scale()))
+                         local_window_size=spec.window, scale=float(self._attn_scale(attn_module)))
             attn = g.op("GroupQueryAttention", gqa_in, f"{n}/attn/GroupQueryAttention",
                         [f"{n}/attn/output", present_names[2 * i], present_names[2 * i + 1]], domain=MS, **attrs)[0]
             o = self.linear(attn, f"{p}.self_attn.o_proj", f"{n}/attn/o_proj")
@@ -245,6 +310,7 @@ class FusedBuilder:
             up = self.linear(normed, f"{p}.mlp.up_proj", f"{n}/mlp/up_proj")
             act = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"{n}/mlp/act/Sigmoid")], f"{n}/mlp/act/Mul")
             pending = self.linear(g.one("Mul", [act, up], f"{n}/mlp/Mul"), f"{p}.mlp.down_proj", f"{n}/mlp/down_proj")
+            self.src.release(p)
         normed, _ = self._add_norm(pending, residual, "model.norm", "/model/norm", eps)
         logits = self._head(normed)
         return self._model(logits, past_names, present_names)
@@ -261,13 +327,13 @@ class FusedBuilder:
     def _head_norm(self, x: str, module_name: str, heads: int, name: str) -> str:
         """Per-head RMSNorm of ``(B, S, heads * D)``: reshaped to ``(B, S, heads, D)`` and back."""
         g, d = self.g, self.lay.head_dim
-        eps = float(self.model.get_submodule(module_name).variance_epsilon)
+        eps = float(self.src.module(module_name).variance_epsilon)
         split = g.one("Reshape", [x, g.scalar(np.array([0, 0, heads, d], np.int64), np.int64)], f"{name}/Reshape")
         normed = self._rms(split, self._norm_weight(module_name), eps, name)
         return g.one("Reshape", [normed, g.scalar(np.array([0, 0, heads * d], np.int64), np.int64)], f"{name}/Reshape_back")
 
-    def _attn_scale(self) -> float:
-        return float(getattr(self.model.get_submodule("model.layers.0.self_attn"), "scaling", self.lay.head_dim ** -0.5))
+    def _attn_scale(self, attn: nn.Module) -> float:
+        return float(getattr(attn, "scaling", self.lay.head_dim ** -0.5))
 
     def _add_norm(self, x: str | None, residual: str, module_name: str, name: str, eps: float) -> tuple[str, str]:
         """RMSNorm of ``residual + x`` (of ``residual`` alone for the first layer): the normed
@@ -280,13 +346,13 @@ class FusedBuilder:
         return outs[0], outs[3]
 
     def _head(self, normed: str) -> str:
-        g, head = self.g, self.model.get_output_embeddings()
-        name = next(n for n, m in self.model.named_modules() if m is head)
+        g = self.g
+        name, head = self.src.head()
         if name in self.state.scales:
             return self.linear(normed, name, "/lm_head")
         # a float head (tied to the embedding in most small models): Gemm with transB reads the
         # (V, H) table as it is, so a tied table is stored once
-        w = "model.embed_tokens.weight" if self._tied(head) else g.init("lm_head.weight", _f32(head.weight))
+        w = "model.embed_tokens.weight" if self._tied() else g.init("lm_head.weight", _f32(head.weight))
         flat = g.one("Reshape", [normed, g.init("head_flat_shape", np.array([-1, head.weight.shape[1]], np.int64))],
                      "/lm_head/Flatten")
         y = g.one("Gemm", [flat, w], "/lm_head/Gemm", transB=1)
@@ -295,9 +361,8 @@ class FusedBuilder:
                                  g.init("vocab_dim", np.array([head.weight.shape[0]], np.int64))], "/lm_head/Concat", axis=0)
         return g.one("Reshape", [y, shape], "/lm_head/Reshape")
 
-    def _tied(self, head: nn.Module) -> bool:
-        emb = self.model.get_input_embeddings()
-        return self.state.embedding != "int8" and head.weight is emb.weight
+    def _tied(self) -> bool:
+        return self.state.embedding != "int8" and self.src.tied()
 
     def _model(self, logits: str, past_names: list[str], present_names: list[str]) -> onnx.ModelProto:
         lay = self.lay
@@ -319,9 +384,12 @@ class FusedBuilder:
         return weights_digest(self.digest_items)
 
 
-def fused_proto(model: nn.Module, state: ScaleState) -> tuple[onnx.ModelProto, str]:
-    """The fused graph of ``model`` quantized by ``state``, and the digest of its INT8 weights."""
-    b = FusedBuilder(model, state)
+def fused_proto(model: nn.Module | ModelSource, state: ScaleState,
+                external: ExternalData | None = None) -> tuple[onnx.ModelProto, str]:
+    """The fused graph of ``model`` (or of a weight source) quantized by ``state``, and the digest
+    of its INT8 weights."""
+    source = model if isinstance(model, ModelSource) or not isinstance(model, nn.Module) else ModelSource(model)
+    b = FusedBuilder(source, state, external=external)
     proto = b.build()
     missing = sorted(set(state.scales) - {name for name, _, _ in b.digest_items})
     if missing:

@@ -25,7 +25,7 @@ import onnx
 import torch
 from torch import nn
 
-from exporters.fused import FUSED_FAMILIES, fused_proto
+from exporters.fused import FUSED_FAMILIES, ExternalData, fused_proto
 from exporters.fused import supports as fused_supports
 from exporters.genai import GENAI_FILE, genai_config
 from exporters.lowering import ExportError, lowered
@@ -104,6 +104,14 @@ class _WithCache(nn.Module):
 
 def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def _fused_bytes(model) -> int:
+    """An upper bound of a fused graph's initializer bytes: every parameter in float32 (most
+    become INT8, so the real file is about a quarter for big models)."""
+    if isinstance(model, nn.Module):
+        return 4 * sum(p.numel() for p in model.parameters())
+    return int(model.parameter_bytes_fp32())
 
 
 def _export_args(model: nn.Module, kv_cache: bool):
@@ -199,6 +207,10 @@ def resolve_graph(graph: str, model: nn.Module, state: ScaleState | None, kv_cac
     """``fused`` or ``traced`` for ``graph`` (``auto``, ``fused`` or ``traced``)."""
     if graph not in GRAPHS:
         raise ExportError(f"unknown graph {graph!r}: choose one of {', '.join(GRAPHS)}")
+    if not isinstance(model, nn.Module):  # a weight source read layer by layer: only the fused graph reads it
+        if graph == "traced" or state is None or not kv_cache:
+            raise ExportError("a model read layer by layer exports only as the fused graph (quantized, with a KV cache)")
+        graph = "fused"
     fusable = state is not None and kv_cache and fused_supports(model)
     if graph == "fused":
         if state is None or not kv_cache:
@@ -274,12 +286,8 @@ def export_onnx(
         raise ExportError(f"{out_path} is a folder: name the .onnx file inside it, e.g. {out_path / 'model.onnx'}")
     kind = resolve_graph(graph, model, state, kv_cache)
     stages = _Stages(progress)
-    if kind == "fused":
-        stages.start("writing the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, INT8 Q/DQ linears)")
-        proto, digest = fused_proto(model, state)
-        proto = set_metadata(proto, {META_WEIGHTS: digest})
-        stages.done("wrote the graph")
-    else:
+    proto = None
+    if kind == "traced":
         stages.start("tracing with torch.onnx (dynamo): about a minute per 15 decoder layers on 2 CPU cores")
         proto = to_onnx_proto(model, state, opset, kv_cache)
         stages.done("traced")
@@ -287,8 +295,26 @@ def export_onnx(
     props = {META_VERSION: __version__}
     if state is not None:
         props = {**deploy_metadata(state.deploy, __version__), META_GRAPH: kind}
-    external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    data_name = out_path.name + ".data"
     with output_folder(out_path) as stage:
+        streamed = False
+        if kind == "fused":
+            streamed = _fused_bytes(model) > EXTERNAL_DATA_THRESHOLD
+            stages.start("writing the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, INT8 Q/DQ linears)"
+                         + (f", weights streamed to {data_name}" if streamed else ""))
+            external = ExternalData(stage / data_name, data_name) if streamed else None
+            try:
+                proto, digest = fused_proto(model, state, external)
+            finally:
+                if external is not None:
+                    external.close()
+            if state.weights is not None and digest != state.weights:
+                raise ExportError("the model's weights do not give the INT8 weights the scales were trained with (weights "
+                                  f"digest {digest[:12]} vs {state.weights[:12]}): load the model the state names and apply "
+                                  "the state (sasq_edge.apply_state folds its smoothing factors), or retrain")
+            proto = set_metadata(proto, {META_WEIGHTS: digest})
+            stages.done("wrote the graph")
+        external = streamed or _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
         stages.start(f"writing the folder's files into {stage.name}")
         model.config.to_json_file(str(stage / CONFIG_FILE))
         generation_config = getattr(model, "generation_config", None)
@@ -301,24 +327,25 @@ def export_onnx(
         if kind == "fused":  # ONNX Runtime GenAI loads the folder too
             config = genai_config(model, out_path.name, dict(state.deploy.session_options))
             (stage / GENAI_FILE).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-        props[META_FILES] = json.dumps(manifest(stage, [p.name for p in stage.iterdir()]))
+        props[META_FILES] = json.dumps(manifest(stage, [p.name for p in stage.iterdir() if p.name != data_name]))
         proto = set_metadata(proto, props)
         proto.producer_name, proto.producer_version = "sasq-edge", __version__
         stages.done("wrote config, tokenizer and scales")
         stages.start(f"saving {out_path.name}" + (" with external data" if external else ""))
         staged = stage / out_path.name
-        if external:
-            onnx.save_model(proto, str(staged), save_as_external_data=True, location=out_path.name + ".data")
-        else:
+        if external and not streamed:
+            onnx.save_model(proto, str(staged), save_as_external_data=True, location=data_name)
+        else:  # inline, or already streamed: the proto holds references only
             onnx.save_model(proto, str(staged))
         stages.done("saved")
-        stages.start("checking the file (onnx.checker, shape inference)")
+        stages.start("checking the file (onnx.checker" + ("" if external else ", shape inference") + ")")
         onnx.checker.check_model(str(staged))  # by path: works for external data too
-        onnx.shape_inference.infer_shapes_path(str(staged), str(stage / ".shapes.onnx"))
-        os.remove(stage / ".shapes.onnx")
+        if not external:  # shape inference keeps a second copy of the graph in memory: small models only
+            onnx.shape_inference.infer_shapes_path(str(staged), str(stage / ".shapes.onnx"))
+            os.remove(stage / ".shapes.onnx")
         stages.done("checked")
         checkpoint("staged")
     folder = out_path.parent
-    size = out_path.stat().st_size + ((folder / (out_path.name + ".data")).stat().st_size if external else 0)
+    size = out_path.stat().st_size + ((folder / data_name).stat().st_size if external else 0)
     counts = dict(op_counts(proto))
     return ExportResult(out_path, size, state.profile if state else None, counts, external)

@@ -149,6 +149,16 @@ def smooth_model(model: nn.Module, batches: Iterable[torch.Tensor], alpha: float
         raise ConfigError("smooth the float model before prepare(): this model is already prepared")
     groups = smooth_groups(model, targets)
     stats = channel_absmax(model, list(batches), groups)
+    factors = smoothquant_factors(model, groups, stats, alpha)
+    fold_factors(model, factors)
+    return factors
+
+
+@torch.no_grad()
+def smoothquant_factors(model: nn.Module, groups: dict[str, SmoothGroup], stats: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` for each group, from the channel maxima
+    ``stats`` of its input and its linears' current weights."""
     factors = {}
     for key, g in groups.items():
         block = _block(key, g)
@@ -159,7 +169,6 @@ def smooth_model(model: nn.Module, batches: Iterable[torch.Tensor], alpha: float
             w_max, a_max = _per_kv_channel(model, w_max), _per_kv_channel(model, a_max)
         s = a_max.clamp_min(_EPS).pow(alpha) / w_max.clamp_min(_EPS).pow(1.0 - alpha)
         factors[key] = s.clamp_min(_EPS).cpu()
-    fold_factors(model, factors)
     return factors
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from runtime.errors import ConfigError
@@ -20,10 +21,17 @@ def _export(argv: list[str] | None) -> int:
     p.add_argument("--float", action="store_true", help="export the unquantized float model (reference)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="export (input_ids, attention_mask) -> logits only, without past_key_values inputs and present outputs")
+    p.add_argument("--graph", default="auto", choices=("auto", "fused", "traced"),
+                   help="fused: ONNX Runtime's fused CPU graph (GroupQueryAttention, fused norms; the CPU profiles); "
+                        "traced: the dynamo trace, standard ops (TensorRT, every family); auto (default): fused where it applies")
+    p.add_argument("--layerwise", action="store_true",
+                   help="read a local safetensors checkpoint one decoder layer at a time (automatic when the float32 "
+                        "model would not fit in memory): export with --scales, or calibrate with --train-steps 0")
     add_data_args(p, "calibration")
     recipe.add_train_args(p)
     args = p.parse_args(argv)
     from exporters import export_onnx, output_folder
+    from sasq_edge.layerwise import LayerwiseModel, check_state_matches, run_layerwise, should_go_layerwise
     from sasq_edge.models import load_model
     from sasq_edge.state import apply_state, load_state
 
@@ -42,13 +50,26 @@ def _export(argv: list[str] | None) -> int:
         if state is not None and args.profile is not None:
             state = state.with_profile(recipe.profile(args))
         cfg = None if state is not None or args.float else recipe.config(args)
-        lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-        if state is not None:
-            apply_state(lm.model, state)
-        elif cfg is not None:
-            state = recipe.run(lm, args, cfg).state
-        res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache,
-                          progress=not args.json)
+        folder = None if args.float else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code)
+        if folder is not None:  # bigger than memory: one decoder layer at a time
+            from transformers import AutoTokenizer
+
+            print(f"sasq-export: reading {folder} one decoder layer at a time", file=sys.stderr, flush=True)
+            if state is None:
+                state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
+                                      progress=not args.json)
+            source = LayerwiseModel(folder, smooth=state.smooth, trust_remote_code=args.trust_remote_code)
+            check_state_matches(source, state)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
+            res = export_onnx(source, out, state=state, tokenizer=tokenizer, progress=not args.json, graph="fused")
+        else:
+            lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+            if state is not None:
+                apply_state(lm.model, state)
+            elif cfg is not None:
+                state = recipe.run(lm, args, cfg).state
+            res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache,
+                              progress=not args.json, graph=args.graph)
     d = res.to_dict()
     emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
          f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)

@@ -18,9 +18,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="default", choices=list(RECIPES),
                    help="preset to start from (default: default, the recipe measured best within the CPU budget; fast: "
                         "fewer steps; best: the longest run measured); every option below overrides it")
-    p.add_argument("--profile", default=AUTO,
+    p.add_argument("--profile", default=None,
                    help=f"deploy profile: {', '.join(PROFILES)}, or {AUTO} to pick from this CPU (default {AUTO}; "
-                        "TensorRT users pass trt)")
+                        "TensorRT users pass trt; with --scales, the scales' own profile)")
     p.add_argument("--calibration", help=f"scale initialiser: {', '.join(CALIBRATIONS)} (default {d.calibration})")
     p.add_argument("--percentile", type=float_in(50, 100, low_open=True), help="percentile for --calibration percentile")
     p.add_argument("--calib-batches", type=int_at_least(1), help=f"calibration windows (default {d.calib_batches})")
@@ -46,7 +46,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def profile(args: argparse.Namespace) -> str:
     """The profile asked for, ``auto`` resolved and announced on stderr."""
-    name, reason = resolve_profile(args.profile)
+    name, reason = resolve_profile(args.profile or AUTO)
     if reason is not None:
         print(f"profile auto -> {name} ({reason})", file=sys.stderr, flush=True)
     return name

@@ -13,10 +13,14 @@ def _train(argv: list[str] | None) -> int:
     add_model_args(p, required=True)
     add_data_args(p, "calibration")
     recipe.add_train_args(p)
+    p.add_argument("--layerwise", action="store_true",
+                   help="calibrate a local safetensors checkpoint one decoder layer at a time (automatic when the float32 "
+                        "model would not fit in memory; no training: --train-steps 0)")
     args = p.parse_args(argv)
     from runtime.io import OutputFolder, preflight
     from runtime.sources import record_text
     from runtime.state import RECIPE_FILE, SCALES_FILE
+    from sasq_edge.layerwise import run_layerwise, should_go_layerwise
     from sasq_edge.models import load_model
 
     cfg = recipe.config(args)
@@ -24,6 +28,15 @@ def _train(argv: list[str] | None) -> int:
     unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
     preflight(unit.folder)
     with unit.lock():  # a second run on the same folder fails now, not after training
+        folder = should_go_layerwise(args.model, args.layerwise, args.trust_remote_code)
+        if folder is not None:  # bigger than memory: calibrate one decoder layer at a time
+            state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
+                                  progress=not args.json)
+            state.save(args.run_dir)
+            emit(args, f"calibrated {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
+                       f"windows of {state.training['seq_len']} tokens, profile {state.profile}) -> {args.run_dir}",
+                 {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **state.training})
+            return 0
         lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
         result = recipe.run(lm, args, cfg)
         state, report = result.state, result.report

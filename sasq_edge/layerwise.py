@@ -1,0 +1,396 @@
+"""Models bigger than memory, one decoder layer at a time (issue 11).
+
+``LayerwiseModel`` is the model's skeleton on the meta device (no memory) whose modules are filled
+from the checkpoint's safetensors files on demand, one decoder layer (or the embedding, the final
+norm, the head) at a time, in float32, with the scale state's smoothing factors folded in exactly
+as ``apply_state`` folds them into a whole model; ``release`` empties a layer again. The fused
+exporter (``exporters.fused``) reads it like a model and streams the INT8 weights to the data file,
+so exporting holds one layer, not the model: the codes are bit-identical to the whole-model path's
+(the weights digest of the scale state checks it).
+
+``calibrate_layerwise`` is PTQ the same way: the calibration windows' hidden states go through
+the model one layer at a time (the model's own forward, each decoder layer materialised just
+before it runs and emptied right after), with SmoothQuant factors computed and folded and the
+activation observers fed per layer. Training the scales of such a model needs the whole model:
+a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.state import ScaleState
+from sasq_edge.arch import arch_spec
+from sasq_edge.errors import ModelLoadError
+
+INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face checkpoint folder, read one at a time from its safetensors."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / SINGLE_FILE).is_file():
+            with safe_open(str(self.folder / SINGLE_FILE), framework="pt") as f:
+                weight_map = {k: SINGLE_FILE for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+        else:
+            raise ModelLoadError(f"{self.folder} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}): "
+                                 "layer-by-layer loading reads safetensors checkpoints only")
+        self.weight_map: dict[str, str] = weight_map
+        self._open = safe_open
+        self._handles: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = self._open(str(self.folder / file), framework="pt")
+        return self._handles[file].get_tensor(name)
+
+
+class LayerwiseModel:
+    """A model read from ``folder`` one piece at a time (see the module docstring). It offers the
+    methods the fused exporter's weight source has (``module``, ``embedding``, ``head``, ``tied``,
+    ``rotary``, ``release``), plus ``config`` and ``generation_config``."""
+
+    def __init__(self, folder: str | os.PathLike, smooth: dict[str, np.ndarray] | None = None, *,
+                 trust_remote_code: bool = False) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        self.folder = Path(folder)
+        config = AutoConfig.from_pretrained(str(self.folder), trust_remote_code=trust_remote_code)
+        spec = arch_spec(config.model_type)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.config = self.model.config
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(str(self.folder))
+        except OSError:
+            self.generation_config = None
+        self.ckpt = Checkpoint(self.folder)
+        self.blocks = spec.blocks
+        self.smooth = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in (smooth or {}).items()}
+        self.loaded: set[str] = set()
+        self.peak_loaded = 0  # the most pieces held at once (1 while exporting: the current layer)
+
+    # --- loading and emptying pieces ---------------------------------------------------------
+
+    def _piece(self, name: str) -> str:
+        """The unit ``name`` belongs to: a decoder layer (``model.layers.3``) or a top-level module."""
+        prefix = self.blocks + "."
+        if name.startswith(prefix):
+            return prefix + name[len(prefix):].split(".", 1)[0]
+        return name
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        if name in self.ckpt:
+            return self.ckpt.get(name)
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return self.ckpt.get(self._embedding_name() + ".weight")
+        raise ModelLoadError(f"{self.folder} has no tensor {name!r}: the checkpoint does not match its config.json")
+
+    def _embedding_name(self) -> str:
+        emb = self.model.get_input_embeddings()
+        return next(n for n, m in self.model.named_modules() if m is emb)
+
+    def load(self, piece: str) -> nn.Module:
+        """Fill ``piece`` with its float32 weights (smoothing factors of its groups folded in)."""
+        module = self.model.get_submodule(piece)
+        if piece in self.loaded:
+            return module
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(self._tensor(f"{piece}.{name}").to(torch.float32))
+        self.loaded.add(piece)
+        self.peak_loaded = max(self.peak_loaded, len(self.loaded))
+        mine = {k: v for k, v in self.smooth.items() if k.startswith(piece + ".")}
+        if mine:
+            from sasq_edge.smooth import fold_factors
+
+            fold_factors(self.model, mine)  # sorted order, as apply_state folds: the same float32 weights
+        return module
+
+    def release(self, piece: str) -> None:
+        piece = self._piece(piece)
+        if piece in self.loaded:
+            self.model.get_submodule(piece).to("meta")
+            self.loaded.discard(piece)
+
+    @property
+    def layers(self) -> int:
+        return len(self.model.get_submodule(self.blocks))
+
+    # --- the weight source of the fused exporter ----------------------------------------------
+
+    def module(self, name: str) -> nn.Module:
+        self.load(self._piece(name))
+        return self.model.get_submodule(name)
+
+    def embedding(self) -> nn.Module:
+        return self.load(self._embedding_name())
+
+    def head(self) -> tuple[str, nn.Module]:
+        head = self.model.get_output_embeddings()
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        return name, self.load(name)
+
+    def tied(self) -> bool:
+        return bool(self.config.tie_word_embeddings)
+
+    def rotary(self) -> nn.Module:
+        rot = self.model.model.rotary_emb
+        return type(rot)(config=self.config)  # its tables computed from the config, on the CPU
+
+    def parameter_bytes_fp32(self) -> int:
+        return 4 * sum(p.numel() for p in self.model.parameters())
+
+    def fingerprint(self) -> str:
+        from sasq_edge.state import model_fingerprint
+
+        return model_fingerprint(self.model)
+
+
+def estimate_fp32_bytes(config) -> int:
+    """float32 bytes of a model from its config alone (a meta-device skeleton: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def fits_in_memory(config, fraction: float = 0.6) -> bool:
+    """Whether the whole model in float32 takes less than ``fraction`` of the available memory
+    (export and evaluation need a few copies of pieces of it on top)."""
+    avail = available_bytes()
+    return avail is None or estimate_fp32_bytes(config) < fraction * avail
+
+
+def check_state_matches(lm: LayerwiseModel, state: ScaleState) -> None:
+    """The fingerprint check of ``apply_state``, on the skeleton (the weights digest is checked
+    by the exporter as it writes the weights)."""
+    from sasq_edge.errors import StateError
+
+    fp = lm.fingerprint()
+    if fp != state.fingerprint:
+        raise StateError(f"scales were trained on a different model (fingerprint {state.fingerprint}, this model {fp}, "
+                         f"trained on {state.model_source!r}): train scales for this model with sasq-train")
+
+
+# --- calibration, one layer at a time -------------------------------------------------------------
+
+LAYERWISE_ALPHA = 0.5  # "auto" cannot search on the whole model here: SmoothQuant's own default
+
+
+def _slice(value, j: int, n: int):
+    """Window ``j`` of a forward argument batched over ``n`` windows (other values unchanged)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[j:j + 1]
+    if isinstance(value, tuple):
+        return tuple(_slice(v, j, n) for v in value)
+    return value
+
+
+class _LayerwiseCalibration:
+    def __init__(self, lm: LayerwiseModel, config) -> None:
+        self.lm, self.config = lm, config
+        self.scales: dict[str, float] = {}
+        self.trunc: dict[str, float] = {}
+        self.factors: dict[str, torch.Tensor] = {}
+        self.digest_items: list = []
+
+    def _windows(self, layer: nn.Module, hidden: torch.Tensor, args, kwargs) -> None:
+        """Run the layer on every window, one window at a time (the in-memory path calibrates
+        window by window: its observers average one scale per window). ``layer.forward``, not
+        ``layer(...)``: this runs inside the layer's own hooks."""
+        n = hidden.shape[0]
+        for j in range(n):
+            layer.forward(hidden[j:j + 1], *[_slice(a, j, n) for a in args], **{k: _slice(v, j, n) for k, v in kwargs.items()})
+
+    @torch.no_grad()
+    def pre(self, piece: str, layer: nn.Module, args, kwargs) -> None:
+        """Before the layer runs on the whole batch: fill it, fold its SmoothQuant factors, swap
+        in its quantizers and calibrate them; the layer then runs in float mode."""
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        args = args[1:] if args else args
+        if "hidden_states" in kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        from sasq_edge.calibrate import make_observer
+        from sasq_edge.modules import QuantLinear, set_mode, target_names
+        from sasq_edge.smooth import fold_factors, smooth_groups, smoothquant_factors
+
+        lm, config, model = self.lm, self.config, self.lm.model
+        lm.load(piece)
+        if config.smooth_alpha is not None:
+            groups = {k: g for k, g in smooth_groups(model, config.targets).items() if k.startswith(piece + ".")}
+            stats: dict[str, torch.Tensor] = {}
+            handles = []
+            for key, g in groups.items():
+                first = model.get_submodule(f"{key[: -len(g.prev) - 1]}.{g.linears[0]}")
+
+                def hook(_m, a, key=key):
+                    x = a[0].detach().abs().reshape(-1, a[0].shape[-1]).amax(dim=0).float()
+                    stats[key] = torch.maximum(stats[key], x) if key in stats else x
+                handles.append(first.register_forward_pre_hook(hook))
+            try:
+                self._windows(layer, hidden, args, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            factors = smoothquant_factors(model, groups, stats, float(config.smooth_alpha))
+            fold_factors(model, factors)
+            self.factors.update(factors)
+        deploy = config.deploy
+        names = [n for n in target_names(model, config) if n.startswith(piece + ".")]
+        observers, handles = {}, []
+        for name in names:
+            parent, _, leaf = name.rpartition(".")
+            q = QuantLinear(model.get_submodule(name), deploy.act, deploy.weight, config.truncation)
+            setattr(model.get_submodule(parent), leaf, q)
+            obs = observers[name] = make_observer(config, deploy.act)
+            handles.append(q.register_forward_pre_hook(lambda _m, a, obs=obs: obs.update(a[0])))
+            self.digest_items.append((name, q.weight_int.numpy().copy(), q.weight_scale.numpy().copy()))
+        set_mode(layer, "float")
+        try:
+            self._windows(layer, hidden, args, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, obs in observers.items():
+            scale = obs.compute()
+            self.scales[name] = scale if math.isfinite(scale) and scale > 0 else 1.0 / deploy.act.qmax
+            if config.truncation == "tanh":
+                self.trunc[name] = obs.absmax if obs.absmax > 0 else 1.0
+
+
+def calibrate_layerwise(lm: LayerwiseModel, config, windows: np.ndarray, model_source: str,
+                        progress: bool = True) -> ScaleState:
+    """PTQ of a model read layer by layer: SmoothQuant factors (``config.smooth_alpha``; ``auto``
+    becomes ``LAYERWISE_ALPHA``), then the activation scales, from the calibration ``windows``
+    (``(n, T)`` token ids, ``config.calib_batches`` of them). Holds one decoder layer and the
+    windows' hidden states at a time. Returns the state; no training (that needs the whole model)."""
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from runtime.state import weights_digest
+    from sasq_edge.state import model_fingerprint
+
+    if config.train_steps:
+        raise ValueError("layer-by-layer calibration does not train: use train_steps=0")
+    if config.smooth_alpha == "auto":
+        config = dataclasses.replace(config, smooth_alpha=LAYERWISE_ALPHA, smooth_learn=False)
+    config = dataclasses.replace(config, smooth_learn=False)
+    cal = _LayerwiseCalibration(lm, config)
+    model = lm.model
+    model.model.rotary_emb = lm.rotary()
+    lm.embedding()
+    norm_name = next(n for n, m in model.named_modules() if m is getattr(model.model, "norm", None))
+    lm.load(norm_name)
+    blocks = model.get_submodule(lm.blocks)
+    bar = tqdm(total=len(blocks), desc="calibrate layer by layer", unit="layer", disable=not progress)
+    handles = []
+    for i, layer in enumerate(blocks):
+        piece = f"{lm.blocks}.{i}"
+
+        def pre(module, args, kwargs, piece=piece):
+            cal.pre(piece, module, args, dict(kwargs))
+
+        def post(module, args, kwargs, output, piece=piece):
+            lm.release(piece)  # the layer's output is computed: empty it
+            bar.update(1)
+
+        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.from_numpy(np.ascontiguousarray(windows)), use_cache=False).last_hidden_state
+            if config.lm_head:
+                from sasq_edge.calibrate import make_observer
+                from sasq_edge.modules import QuantLinear
+
+                name, head = lm.head()
+                q = QuantLinear(head, config.deploy.act, config.deploy.weight, config.truncation)
+                obs = make_observer(config, config.deploy.act)
+                for j in range(hidden.shape[0]):
+                    obs.update(hidden[j:j + 1])
+                cal.scales[name] = obs.compute()
+                if config.truncation == "tanh":
+                    cal.trunc[name] = obs.absmax
+                cal.digest_items.append((name, q.weight_int.numpy().copy(), q.weight_scale.numpy().copy()))
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    training = {"steps": 0, "layerwise": True, "calib_windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                "peak_pieces_loaded": lm.peak_loaded}
+    factors = {k: v.numpy() for k, v in cal.factors.items()}
+    return ScaleState(config.profile, cal.scales, model_fingerprint(model), model_source, cal.trunc, factors,
+                      config.embedding, config.to_dict(), training, weights_digest(cal.digest_items))
+
+
+def should_go_layerwise(spec: str, forced: bool, trust_remote_code: bool = False) -> Path | None:
+    """The checkpoint folder to read layer by layer: when asked (``forced``), or when ``spec`` is a
+    local folder of safetensors whose float32 model would not fit in memory; else None (load the
+    whole model)."""
+    from transformers import AutoConfig
+
+    path = Path(spec).expanduser()
+    local = path.is_dir() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
+    if forced and not local:
+        raise ModelLoadError(f"--layerwise reads a local folder of safetensors weights; {spec!r} is not one: download it first")
+    if not local:
+        return None
+    if forced:
+        return path
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return None if fits_in_memory(config) else path
+
+
+def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remote_code: bool = False,
+                  progress: bool = True) -> ScaleState:
+    """PTQ of the model in ``folder`` layer by layer, on the calibration windows of ``data``."""
+    from transformers import AutoTokenizer
+
+    from runtime.data import sample_windows
+    from sasq_edge.errors import ConfigError
+    from sasq_edge.models import LoadedModel
+    from sasq_edge.pipeline import training_data
+
+    if config.train_steps:
+        raise ConfigError(f"{folder} does not fit in memory as a float32 model, and training its scales needs the whole "
+                          "model: train on a GPU (sasq-train --device cuda), or calibrate only (--train-steps 0), which "
+                          "runs layer by layer here")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    lw = LayerwiseModel(folder, trust_remote_code=trust_remote_code)
+    lm = LoadedModel(lw.model, tokenizer, str(folder.resolve()))
+    windows = training_data(lm, config, data_dir, data, progress=progress).windows
+    return calibrate_layerwise(lw, config, sample_windows(windows, config.calib_batches, config.seed), lm.source,
+                               progress=progress)
