@@ -356,9 +356,13 @@ def calibrate_layerwise(lm: LayerwiseModel, config, windows: np.ndarray, model_s
                       config.embedding, config.to_dict(), training, weights_digest(cal.digest_items))
 
 
-def should_go_layerwise(spec: str, forced: bool, trust_remote_code: bool = False) -> Path | None:
+LAYERWISE_ABOVE = 2 * 2**30  # float32 bytes above which a run that trains nothing reads layer by layer
+
+
+def should_go_layerwise(spec: str, forced: bool, trust_remote_code: bool = False, training: bool = True) -> Path | None:
     """The checkpoint folder to read layer by layer: when asked (``forced``), or when ``spec`` is a
-    local folder of safetensors whose float32 model would not fit in memory; else None (load the
+    local folder of safetensors whose float32 model would not fit in memory, or, for a run that
+    trains nothing (export with scales, PTQ), is over ``LAYERWISE_ABOVE``; else None (load the
     whole model)."""
     from transformers import AutoConfig
 
@@ -371,7 +375,9 @@ def should_go_layerwise(spec: str, forced: bool, trust_remote_code: bool = False
     if forced:
         return path
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return None if fits_in_memory(config) else path
+    if not fits_in_memory(config) or (not training and estimate_fp32_bytes(config) > LAYERWISE_ABOVE):
+        return path
+    return None
 
 
 def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remote_code: bool = False,

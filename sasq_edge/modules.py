@@ -116,8 +116,12 @@ class QuantLinear(nn.Linear):
         codes, scale = _encode(self.weight, self.weight_grid)
         self.register_buffer("weight_int", codes)  # (N, K) int8
         self.register_buffer("weight_scale", scale)  # (N,) float32
-        # the integer codes as float32, for fake-quant forward passes (see ``forward``)
-        self.register_buffer("weight_codes", codes.to(torch.float32), persistent=False)
+
+    @property
+    def weight_codes(self) -> torch.Tensor:
+        """The INT8 codes as float32, made when a forward pass needs them: the module keeps one byte
+        per weight, not five (issue 11: a 1B model's fake-quant copy no longer doubles its memory)."""
+        return self.weight_int.to(torch.float32)
 
     @property
     def mode(self) -> Mode:
@@ -151,7 +155,7 @@ class QuantLinear(nn.Linear):
             wq = torch.clamp(round_ste(weight / ws[:, None]), g.qmin, g.qmax)
             y = F.linear(q, wq) * (s * ws)
         else:
-            y = F.linear(q, self.weight_codes.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
+            y = F.linear(q, self.weight_int.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -50,7 +50,8 @@ def _export(argv: list[str] | None) -> int:
         if state is not None and args.profile is not None:
             state = state.with_profile(recipe.profile(args))
         cfg = None if state is not None or args.float else recipe.config(args)
-        folder = None if args.float else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code)
+        training = state is None and cfg.train_steps > 0 if cfg is not None else False
+        folder = None if args.float else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, training)
         if folder is not None:  # bigger than memory: one decoder layer at a time
             from transformers import AutoTokenizer
 

@@ -28,7 +28,7 @@ def _train(argv: list[str] | None) -> int:
     unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
     preflight(unit.folder)
     with unit.lock():  # a second run on the same folder fails now, not after training
-        folder = should_go_layerwise(args.model, args.layerwise, args.trust_remote_code)
+        folder = should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, cfg.train_steps > 0)
         if folder is not None:  # bigger than memory: calibrate one decoder layer at a time
             state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
                                   progress=not args.json)
