@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fingerprint import export_fingerprint
 
 from exporters import export_onnx
-from fingerprint import export_fingerprint
 from runtime import open_session
 from sasq_edge.cli.export import main as export_main
 from sasq_edge.config import QuantConfig
