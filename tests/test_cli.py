@@ -63,7 +63,8 @@ def test_export_with_scales_json(tmp_path, run_dir, capsys):
     out = tmp_path / "m" / "model.onnx"
     assert export_main([str(out), *TINY, "--scales", str(run_dir), "--json"]) == 0
     res = _json_tail(capsys)
-    assert res["quantize_linear"] == 14 and res["dequantize_linear"] == 28 and res["profile"] == "trt"
+    assert res["quantize_linear"] == 14 and res["dequantize_linear"] == 28
+    assert res["profile"] == json.loads((run_dir / "recipe.json").read_text())["deploy"]["profile"]  # the scales' own
     assert res["bytes"] == out.stat().st_size and res["onnx"] == str(out)
 
 
@@ -197,17 +198,23 @@ def test_scales_from_another_version(tmp_path, run_dir, capsys):
     assert not (tmp_path / "model.onnx").exists()
 
 
+@pytest.mark.parametrize("kind", ["scale", "smoothing"])
 @pytest.mark.parametrize("bad", [float("nan"), 0.0])
-def test_nan_or_zero_scales(tmp_path, run_dir, capsys, bad):
+def test_nan_or_zero_scales(tmp_path, run_dir, capsys, bad, kind):
+    """A NaN or zero activation scale, or one in a smoothing vector: refused by name, nothing written."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     t = load_file(str(run / "scales.safetensors"))
-    t[sorted(t)[0]] = torch.tensor(bad)
+    key = next(k for k in sorted(t) if (t[k].ndim == 1) == (kind == "smoothing"))
+    v = t[key].clone()
+    v.view(-1)[0] = bad
+    t[key] = v
     save_file(t, str(run / "scales.safetensors"))
     code = export_main([str(tmp_path / "out" / "model.onnx"), *TINY, "--scales", str(run)])
-    assert "positive and finite" in _error(capsys, code)
+    line = _error(capsys, code)
+    assert "positive" in line and "finite" in line and ("smoothing" in line) == (kind == "smoothing")
     assert not (tmp_path / "out").exists()
 
 

@@ -287,16 +287,19 @@ def test_read_only_disk(tmp_path, capsys):
 
 def test_full_disk_leaves_the_previous_export(tmp_path, data_dir, capsys):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "size=1200k"):
+    if not _mount_tmpfs(disk, "size=4m"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         out = disk / "out" / "model.onnx"
-        assert export_main([str(out), *TINY, "--no-kv-cache", "--seq-len", "32", "--calib-batches", "1",
-                            "--train-steps", "0", "--data-dir", str(data_dir)]) == 0
+        args = [*TINY, "--seq-len", "32", "--calib-batches", "1", "--data-dir", str(data_dir)]
+        assert export_main([str(out), *args, "--train-steps", "0"]) == 0
         before = _tree(out.parent)
+        # fill the disk until half an export of the same size would still fit: the second one cannot
+        size = sum(len(b) for b in before.values())
+        st = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - size // 2))
         capsys.readouterr()
-        line = _one_error(capsys, export_main([str(out), *TINY, "--seq-len", "32", "--calib-batches", "1",
-                                               "--train-steps", "1", "--data-dir", str(data_dir)]))
+        line = _one_error(capsys, export_main([str(out), *args, "--train-steps", "1"]))
         assert "no space left on the device" in line
         assert _tree(out.parent) == before and _leftovers(disk) == []
     finally:
