@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from runtime.errors import RuntimeSetupError
-from runtime.profiles import DeployProfile
+from runtime.profiles import PROFILES, DeployProfile
 
 META_FORMAT = "sasq.format"
 META_VERSION = "sasq.version"
@@ -56,3 +56,21 @@ def session_config(meta: dict[str, str], path: str | os.PathLike) -> dict[str, s
     if not isinstance(options, dict):
         raise RuntimeSetupError(f"{path}: metadata {META_SESSION_OPTIONS} is not a JSON object: re-export the model")
     return {str(k): str(v) for k, v in options.items()}
+
+
+def session_options_problem(meta: dict[str, str], path: str | os.PathLike) -> str | None:
+    """What is wrong with the session options ``meta`` records for its deploy profile (None when
+    they are exactly the ones the profile needs, ``runtime.profiles``)."""
+    profile = meta.get(META_PROFILE)
+    if profile not in PROFILES:
+        return f"the metadata names no known deploy profile ({profile!r})"
+    want, have = dict(PROFILES[profile].session_options), session_config(meta, path)
+    if have == want:
+        return None
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    parts = [f"lacks {', '.join(missing)}" if missing else "", f"adds {', '.join(extra)}" if extra else "",
+             f"changes {', '.join(changed)}" if changed else ""]
+    return f"profile {profile} needs session options {json.dumps(want)}; the metadata records {json.dumps(have)} (" + \
+        "; ".join(p for p in parts if p) + ")"

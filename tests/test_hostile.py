@@ -72,8 +72,14 @@ def good(tmp_path_factory, data_dir) -> Path:
     (generate_main, ["--prompt", "a", "--temperature", "inf"], "argument --temperature: inf must be a finite number"),
     (generate_main, ["--prompt", "a", "--top-p", "1.5"], "argument --top-p: 1.5 must be a finite number in (0, 1]"),
     (generate_main, ["--prompt", "a", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 must be at least 1"),
-    (validate_main, ["--rel-tol", "-1"], "argument --rel-tol: -1 must be a finite number in [0, inf)"),
-    (validate_main, ["--min-top1", "2"], "argument --min-top1: 2 must be a finite number in [0, 1]"),
+    (validate_main, ["--max-kl-mean", "-1"], "argument --max-kl-mean: -1 must be a finite number in [0, inf)"),
+    (validate_main, ["--max-kl-p99", "nan"], "argument --max-kl-p99: nan must be a finite number"),
+    (validate_main, ["--max-ppl-ratio-error", "-0.1"], "argument --max-ppl-ratio-error: -0.1 must be a finite number"),
+    (validate_main, ["--min-top1-confident", "2"], "argument --min-top1-confident: 2 must be a finite number in [0, 1]"),
+    (validate_main, ["--top1-margin", "inf"], "argument --top1-margin: inf must be a finite number"),
+    (validate_main, ["--max-block-error", "-1"], "argument --max-block-error: -1 must be a finite number in [0, inf)"),
+    (validate_main, ["--tie-ulps", "-1"], "argument --tie-ulps: -1 must be at least 0"),
+    (validate_main, ["--layer-windows", "-2"], "argument --layer-windows: -2 must be at least 0"),
     (ppl_main, ["--provider", "rocm"], "unknown execution provider 'rocm'"),
 ])
 def test_bad_numbers_and_names(good, capsys, main, argv, message):

@@ -6,6 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from runtime import ParityAccumulator, RuntimeSetupError, open_session, token_nll
+from runtime.parity import Thresholds
 from runtime.session import resolve_providers
 
 
@@ -22,15 +23,17 @@ def test_parity_accumulator():
     ids = rng.integers(0, 10, 16)
     acc = ParityAccumulator()
     acc.update(ids, a, a + 1e-3)
-    rep = acc.report(rel_tol=1e-5, min_top1=1.0)
+    rep = acc.report(Thresholds(ppl_ratio=1e-5, min_top1_confident=1.0))
     assert rep.top1_agreement == 1.0 and rep.rel_diff < 1e-5  # a shift of every logit leaves the NLL unchanged
+    assert rep.kl_max < 1e-12  # ... and the distribution
     assert rep.max_abs_logit_diff == pytest.approx(1e-3, rel=1e-3) and rep.passed
     b = a.copy()
     b[0] = -b[0]
     acc2 = ParityAccumulator()
     acc2.update(ids, a, b)
-    rep2 = acc2.report(min_top1=0.99)
-    assert rep2.top1_agreement == 15 / 16 and not rep2.passed
+    rep2 = acc2.report(Thresholds(top1_margin=0.0, min_top1_confident=0.99))
+    assert rep2.top1_agreement == 15 / 16 and rep2.top1_confident == 15 / 16 and not rep2.passed
+    assert rep2.kl_max > 0.1 and rep2.kl_p99 > 0 and rep2.kl_mean == pytest.approx(rep2.kl_max / 16, rel=0.2)
 
 
 def test_unknown_and_missing_providers():
