@@ -7,8 +7,10 @@ is read."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +50,12 @@ def byte_tokenizer():
     return fast
 
 
-def tiny_random_llama(seed: int = 0) -> LoadedModel:
-    """2 layers, hidden 64, GQA 4/2 heads, byte vocabulary; same weights for the same seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(vocab_size: int = 257):
+    """The ``LlamaConfig`` of ``tiny_random_llama`` (its byte tokenizer has 257 tokens)."""
+    from transformers import LlamaConfig
 
-    tokenizer = byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -62,14 +63,23 @@ def tiny_random_llama(seed: int = 0) -> LoadedModel:
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=vocab_size - 1,
         bos_token_id=None,
         pad_token_id=None,
     )
+
+
+def tiny_random_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """2 layers, hidden 64, GQA 4/2 heads, byte vocabulary; same weights for the same seed
+    (drawn in float32, then cast to ``dtype``)."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = tiny_config(len(tokenizer))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return LoadedModel(model.eval(), tokenizer, TINY_PRESET)
+    return LoadedModel(model.to(dtype).eval(), tokenizer, TINY_PRESET)
 
 
 def _check_config(config, spec: str) -> None:
@@ -108,12 +118,9 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is truncated: its tensors end at byte {end}, the file has {size}: download it again")
 
 
-def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``spec`` in float32, in eval mode, with its tokenizer."""
-    if spec == TINY_PRESET:
-        return tiny_random_llama()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def _locate(spec: str, trust_remote_code: bool) -> tuple[str, str, dict, Path]:
+    """``(source for from_pretrained, the spec to record, its keyword arguments, the path)`` of a
+    hub id, a local folder or a ``.gguf`` file; a path that is not there fails here."""
     path = Path(spec).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
@@ -131,12 +138,14 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
         raise ModelLoadError(f"model folder {path} not found: check the path, or pass a hub id such as HuggingFaceTB/SmolLM2-135M")
     else:
         source = spec  # a hub id
+    return source, spec, kwargs, path
+
+
+@contextlib.contextmanager
+def _load_errors(spec: str, source: str, path: Path) -> Iterator[None]:
+    """What transformers raises on a model it cannot read, as one ``ModelLoadError`` line."""
     try:
-        # config.json, or a GGUF file's metadata (transformers reads no tensor data for it)
-        config = AutoConfig.from_pretrained(source, **kwargs)
-        _check_config(config, spec)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        yield
     except pickle.UnpicklingError:
         raise ModelLoadError(f"refused to unpickle the weights of {spec!r}: the pickle holds objects other than tensors, and "
                              "sasq-edge loads pickled checkpoints only with weights_only=True; convert it to safetensors") from None
@@ -146,5 +155,35 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> LoadedModel:
             raise ModelLoadError(f"{spec!r} is not a local folder or file (nothing at {path.absolute()}), and loading it "
                                  f"as a hub id failed ({first[:160]}): check the path, or the hub id and the network") from None
         raise ModelLoadError(f"could not load model {spec!r}: {first}") from None
+
+
+def load_config(spec: str, *, trust_remote_code: bool = False):
+    """The transformers config of ``spec`` (``config.json``, or a GGUF file's metadata), checked
+    like ``load_model`` checks it, without reading any weight: what memory estimates start from."""
+    if spec == TINY_PRESET:
+        return tiny_config()
+    from transformers import AutoConfig
+
+    source, spec, kwargs, path = _locate(spec, trust_remote_code)
+    with _load_errors(spec, source, path):
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    _check_config(config, spec)
+    return config
+
+
+def load_model(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``spec`` in eval mode, with its tokenizer, its weights in ``dtype`` (float32 by
+    default; ``torch.bfloat16`` halves their memory for GPU training, see ``QuantLinear``)."""
+    if spec == TINY_PRESET:
+        return tiny_random_llama(dtype=dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, spec, kwargs, path = _locate(spec, trust_remote_code)
+    with _load_errors(spec, source, path):
+        # config.json, or a GGUF file's metadata (transformers reads no tensor data for it)
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        _check_config(config, spec)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     honour_add_bos(tokenizer)
     return LoadedModel(model.eval(), tokenizer, spec)

@@ -93,6 +93,23 @@ class ActQuantizer(nn.Module):
         return torch.clamp(round_ste(x / s), self.grid.qmin, self.grid.qmax), s
 
 
+class _CodesLinear(torch.autograd.Function):
+    """``x @ codes^T`` for a frozen int8 ``codes`` ``(N, K)``, the codes cast to ``x``'s float
+    dtype for the product in the forward and again in the backward pass: autograd keeps the int8
+    tensor, not a float32 copy of every quantized weight (4 bytes a weight, more than the float
+    weights themselves in bf16). The forward is ``F.linear(x, codes.float())``, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(codes)
+        return F.linear(x, codes.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (codes,) = ctx.saved_tensors
+        return grad @ codes.to(grad.dtype), None
+
+
 class QuantLinear(nn.Linear):
     """``nn.Linear`` with a quantized input and a frozen per-output-channel INT8 weight."""
 
@@ -118,14 +135,13 @@ class QuantLinear(nn.Linear):
         self.register_buffer("weight_scale", scale)  # (N,) float32
 
     @property
-    def weight_codes(self) -> torch.Tensor:
-        """The INT8 codes as float32, made when a forward pass needs them: the module keeps one byte
-        per weight, not five (issue 11: a 1B model's fake-quant copy no longer doubles its memory)."""
-        return self.weight_int.to(torch.float32)
-
-    @property
     def mode(self) -> Mode:
         return self.act_quant.mode
+
+    @property
+    def weight_codes(self) -> torch.Tensor:
+        """The integer codes as float32 (N, K): what the fake-quant product multiplies by."""
+        return self.weight_int.to(torch.float32)
 
     @property
     def weight_dq(self) -> torch.Tensor:
@@ -140,23 +156,27 @@ class QuantLinear(nn.Linear):
         # sums of integer products are exact while they stay below 2**24 (K * 128 * 64 for 7-bit
         # weights always does up to K = 2048), so the only float rounding is the final scaling,
         # as in the deployed kernel. Mathematically equal to ``F.linear(codes * s, weight_dq)``,
-        # so LSQ/STE gradients are unchanged.
+        # so LSQ/STE gradients are unchanged. The quantizer works in float32 whatever the
+        # weights' dtype (bf16 weights pass bf16 activations): the output goes back to it.
+        dtype = x.dtype
+        x = x.float()
         weight = self.weight
         if self.log_smooth is not None:
             r = self.log_smooth.exp()
             r = r if self.smooth_index is None else r[self.smooth_index]
-            x, weight = x / r, weight * r[None, :]
+            x, weight = x / r, weight.float() * r[None, :]
         q, s = self.act_quant.codes(x)
         if self.log_smooth is not None or weight.requires_grad:
             # the weight moves (learned smoothing, or a weight-training reference): re-quantize it
             # every pass, straight through the rounding
             g = self.weight_grid
             ws = weight_scales_per_channel(weight, g)
-            wq = torch.clamp(round_ste(weight / ws[:, None]), g.qmin, g.qmax)
+            wq = torch.clamp(round_ste(weight.float() / ws[:, None]), g.qmin, g.qmax)
             y = F.linear(q, wq) * (s * ws)
         else:
-            y = F.linear(q, self.weight_int.to(q.dtype)) * (s * self.weight_scale).to(q.dtype)
-        return y if self.bias is None else y + self.bias
+            y = _CodesLinear.apply(q, self.weight_int) * (s * self.weight_scale)
+        y = y if self.bias is None else y + self.bias.float()
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, act={self.act_quant.grid}"

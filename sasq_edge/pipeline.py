@@ -21,11 +21,12 @@ from runtime.state import ScaleState
 from sasq_edge.calibrate import calibrate
 from sasq_edge.config import AUTO_ALPHA, QuantConfig
 from sasq_edge.data import bos_of, load_windows
+from sasq_edge.distributed import SINGLE, Group
 from sasq_edge.errors import ConfigError, DataError
 from sasq_edge.evaluate import perplexity
 from sasq_edge.models import LoadedModel
-from sasq_edge.modules import prepare
-from sasq_edge.smooth import attach_learnable, fold_learnable, smooth_model, snapshot
+from sasq_edge.modules import prepare, scale_parameters, set_mode
+from sasq_edge.smooth import attach_learnable, fold_factors, fold_learnable, smooth_model, snapshot
 from sasq_edge.state import state_from_model
 from sasq_edge.train import StepCallback, TrainReport, train_scales
 
@@ -76,15 +77,25 @@ def _batches(windows: np.ndarray) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(w))[None] for w in windows]
 
 
-def quantize_ptq(model: nn.Module, config: QuantConfig, calib: np.ndarray) -> dict[str, torch.Tensor]:
+def quantize_ptq(model: nn.Module, config: QuantConfig, calib: np.ndarray, group: Group = SINGLE) -> dict[str, torch.Tensor]:
     """Smooth (if ``config.smooth_alpha``), prepare and calibrate ``model`` in place: static PTQ.
-    Returns the smoothing factors folded into it (empty without smoothing)."""
+    Returns the smoothing factors folded into it (empty without smoothing). With several ranks in
+    ``group``, rank 0 computes the factors and the scales and every rank gets them: the same
+    bits everywhere."""
     if config.smooth_alpha == AUTO_ALPHA:
         raise ConfigError("smooth_alpha='auto' is chosen by run_sasq or search_smooth_alpha: pass a number here")
     batches = _batches(calib)
-    factors = smooth_model(model, batches, config.smooth_alpha, config.targets) if config.smooth_alpha is not None else {}
+    factors = {}
+    if config.smooth_alpha is not None:
+        factors = group.from_main(lambda: smooth_model(model, batches, config.smooth_alpha, config.targets))
+        if not group.is_main:
+            fold_factors(model, factors)  # rank 0 folded them while computing them
     prepare(model, config)
-    calibrate(model, batches, config)
+    if group.is_main:
+        calibrate(model, batches, config)
+    else:
+        set_mode(model, "fake")
+    group.broadcast_(scale_parameters(model))
     return factors
 
 
@@ -118,6 +129,7 @@ def _ppl(model: nn.Module, windows: np.ndarray) -> float:
 def run_sasq(
     lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None = None, *, data: str | DataSpec | None = None,
     progress: bool = True, windows: np.ndarray | None = None, on_step: StepCallback | None = None,
+    group: Group = SINGLE, gradient_checkpointing: bool = False,
 ) -> SasqResult:
     """Smooth (if ``config.smooth_alpha``; ``"auto"`` first picks alpha on the last
     ``SELECT_WINDOWS`` validation windows, held out of training) and prepare ``lm.model`` in
@@ -129,45 +141,70 @@ def run_sasq(
     its validation split, from ``data_dir`` or the hub); ``windows`` overrides them. What was read
     is recorded in the state's ``training["data"]``.
 
+    With several ranks in ``group`` (``sasq_edge.distributed``), call it on every rank: rank 0
+    reads the windows, searches alpha, computes the factors and scales and measures the held-out
+    perplexities, and every rank gets its results; each rank then trains on its share of every
+    step's windows, and all end with the same state. ``gradient_checkpointing`` recomputes the
+    decoder blocks in the backward pass instead of keeping their activations.
+
     The model ends as ``apply_state(fresh model, result.state)`` rebuilds it, bit for bit.
     """
+    progress = progress and group.is_main
     if windows is None:
-        read = training_data(lm, config, data_dir, data, progress=progress)
-        windows, text, record = read.windows, read.text, read.record
+        def read() -> tuple[np.ndarray, str, dict]:
+            got = training_data(lm, config, data_dir, data, progress=progress)
+            return got.windows, got.text, got.record
+
+        windows, text, record = group.from_main(read)
     else:
         bos = bos_of(lm.tokenizer)
         text = "windows given to run_sasq"
         record = {"spec": None, "role": CALIBRATION, "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]),
                   "bos": bool(bos is not None and (windows[:, 0] == bos).all())}
+        windows = group.from_main(lambda: windows)  # rank 0's, should the callers' differ
     search, select, heldout = None, None, {}
     if config.smooth_alpha == AUTO_ALPHA or windows.shape[0] >= 2 * SELECT_WINDOWS:
         # the last windows never train: they pick alpha and measure what training did
         windows, select = hold_out(windows)
         heldout = {"windows": int(select.shape[0]), "seq_len": int(select.shape[1]),
-                   "float_ppl": _ppl(lm.model, select)}
+                   "float_ppl": group.from_main(lambda: _ppl(lm.model, select))}
     if config.smooth_alpha == AUTO_ALPHA:
         # each try: SmoothQuant's absmax PTQ on a few windows, judged on the held-out ones (minutes, not the
         # training budget); the chosen alpha then gets the config's own initialiser and training
         tries = sample_windows(windows, min(config.calib_batches, SEARCH_CALIB_WINDOWS), config.seed)
-        alpha, search = search_smooth_alpha(lm.model, config, tries, select, calibration="absmax")
+        alpha, search = group.from_main(lambda: search_smooth_alpha(lm.model, config, tries, select, calibration="absmax"))
         config = dataclasses.replace(config, smooth_alpha=alpha)
     calib = sample_windows(windows, config.calib_batches, config.seed)
     originals = snapshot(lm.model, config.targets) if config.smooth_learn else {}
-    factors = quantize_ptq(lm.model, config, calib)
+    factors = quantize_ptq(lm.model, config, calib, group)
     if heldout:
-        heldout["ptq_ppl"] = _ppl(lm.model, select)
+        heldout["ptq_ppl"] = group.from_main(lambda: _ppl(lm.model, select))
     if config.smooth_learn:
         attach_learnable(lm.model, factors)
-    report = train_scales(lm.model, torch.from_numpy(windows), config, progress=progress, on_step=on_step)
+    report = train_scales(lm.model, torch.from_numpy(windows), config, progress=progress, on_step=on_step, group=group,
+                          gradient_checkpointing=gradient_checkpointing)
+    parallel = {}
+    if group.world > 1:
+        # every rank took the same averaged steps from the same start: measured, then rank 0's kept
+        trained = scale_parameters(lm.model)
+        parallel = {"rank_max_diff": group.max_difference(trained)}
+        group.broadcast_(trained)
     if config.smooth_learn:
         factors = fold_learnable(lm.model, factors, originals)
     if heldout:
-        heldout["trained_ppl"] = _ppl(lm.model, select)
+        heldout["trained_ppl"] = group.from_main(lambda: _ppl(lm.model, select))
     training = {**report.summary(), "calib_windows": int(calib.shape[0]), "train_windows": int(windows.shape[0]),
-                "text": text, "data": record, "objective": config.objective}
+                "text": text, "data": record, "objective": config.objective, "processes": group.world,
+                "global_batch": config.batch_size * group.world, **parallel, "weights_dtype": weights_dtype(lm.model),
+                "gradient_checkpointing": gradient_checkpointing}
     if heldout:
         training["heldout"] = heldout
     if search is not None:
         training["alpha_search"] = {str(a): p for a, p in search.items()}
     state = state_from_model(lm.model, config, lm.source, smooth=factors, training=training)
     return SasqResult(state, report, factors, search)
+
+
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype of the model's float weights, as torch names it (``float32``, ``bfloat16``)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -500,7 +500,8 @@ def test_train_records_the_data(tmp_path, capsys):
     training = json.loads((run / "recipe.json").read_text())["training"]
     assert res["data"] == training["data"]
     assert training["data"]["spec"] == f"{f}:text" and training["data"]["bos"] is False
-    assert training["text"] == f"{f} (10 rows, column 'text')" and training["train_windows"] + training["heldout"]["windows"] == training["data"]["windows"]
+    assert training["text"] == f"{f} (10 rows, column 'text')"
+    assert training["train_windows"] + training["heldout"]["windows"] == training["data"]["windows"]
     assert f"data: {f} (10 rows, column 'text'): {training['data']['windows']} windows of 32 tokens" in cap.err
 
 

@@ -27,7 +27,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncation", help=f"outlier truncation: {', '.join(TRUNCATIONS)} (default {d.truncation})")
     p.add_argument("--train-steps", type=int_at_least(0), help=f"scale-training steps, 0 = PTQ only (default {d.train_steps})")
     p.add_argument("--lr", type=float_in(0, low_open=True), help=f"Adam learning rate on log-scales (default {d.lr})")
-    p.add_argument("--batch-size", type=int_at_least(1), help=f"windows per training step (default {d.batch_size})")
+    p.add_argument("--batch-size", type=int_at_least(1),
+                   help="windows per training step and process: the global batch is this times the processes accelerate "
+                        f"launch starts (default {d.batch_size})")
     p.add_argument("--seed", type=int_at_least(0))
     p.add_argument("--int8-lm-head", action="store_true", help="quantize the output head too (INT8 weight, trained activation scale)")
     p.add_argument("--int8-embedding", action="store_true", help="store the embedding table as weight-only per-row INT8")
@@ -42,6 +44,47 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"training loss: {' or '.join(OBJECTIVES)}; ce = next-token cross-entropy on the text, kd = "
                         f"distillation, the KL from the float model's next-token distribution (default {d.objective})")
     p.add_argument("--device", default="cpu", help="torch device for calibration and training: cpu or cuda (default cpu)")
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def add_scaleout_args(p: argparse.ArgumentParser) -> None:
+    """Options for models that do not fit in float32 on one device: weight dtype, activation
+    checkpointing, the memory check (``sasq_edge.memory``)."""
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="dtype of the frozen float weights during calibration and training (default fp32); bf16 halves "
+                        "their memory; quantizer arithmetic and the trained scales stay float32, the INT8 weights are "
+                        "encoded from the float32 value of each bf16 weight")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in the backward pass instead of keeping its activations (same "
+                        "scales, less memory, about a third more time)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="train even where the estimated peak memory exceeds the memory free (README, 'Training on many "
+                        "processes / a GPU')")
+
+
+def torch_dtype(args: argparse.Namespace):
+    """``--dtype`` as a torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPES[args.dtype])
+
+
+def check_memory(args: argparse.Namespace, cfg: QuantConfig, device) -> None:
+    """Refuse, before the model loads, a run whose estimated peak memory exceeds what this
+    machine (and GPU) has free, every process of an ``accelerate launch`` on it counted."""
+    if args.no_memory_check:
+        return
+    from sasq_edge import memory
+    from sasq_edge.distributed import local_processes
+    from sasq_edge.models import load_config
+
+    config = load_config(args.model, trust_remote_code=args.trust_remote_code)
+    est = memory.estimate(config, cfg, dtype=DTYPES[args.dtype], gradient_checkpointing=args.gradient_checkpointing,
+                          device=device.type)
+    memory.check(est, cfg, dtype=DTYPES[args.dtype], gradient_checkpointing=args.gradient_checkpointing,
+                 processes=local_processes(), host_free=memory.host_available(), device_free=memory.device_available(device))
 
 
 def profile(args: argparse.Namespace) -> str:
@@ -83,29 +126,42 @@ def config(args: argparse.Namespace) -> QuantConfig:
 
 
 def device(args: argparse.Namespace):
-    """``--device`` as a torch device that exists here (one-line error otherwise)."""
+    """``--device`` as a torch device that exists here (one-line error otherwise); ``cuda`` is
+    this process's GPU (``cuda:LOCAL_RANK``) under ``accelerate launch`` / ``torchrun``."""
     import torch
 
+    from sasq_edge.distributed import process_device
+
     try:
-        dev = torch.device(args.device)
+        dev = process_device(args.device)
     except RuntimeError as e:
         raise ConfigError(f"--device {args.device!r}: {e}; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA GPU: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{dev} asked for, torch sees {torch.cuda.device_count()} GPU(s): launch at most that many "
+                          "processes per machine")
     return dev
 
 
-def run(lm, args: argparse.Namespace, cfg: QuantConfig):
-    """``run_sasq`` on ``--device`` with ``--data`` (the model comes back to the CPU for export);
-    says what text it read and the alpha ``--smooth-alpha auto`` picked."""
+def run(lm, args: argparse.Namespace, cfg: QuantConfig, group=None):
+    """``run_sasq`` on ``--device`` with ``--data`` (the model comes back to the CPU for export),
+    on every rank of ``group`` (``sasq_edge.distributed``; one process when None), with
+    ``--gradient-checkpointing`` where the command has it; rank 0 says what text it read and the
+    alpha ``--smooth-alpha auto`` picked."""
     from runtime.sources import record_summary
+    from sasq_edge.distributed import SINGLE
     from sasq_edge.pipeline import run_sasq
 
+    group = group or SINGLE
     lm.model.to(device(args))
     try:
-        result = run_sasq(lm, cfg, args.data_dir, data=args.data)
+        result = run_sasq(lm, cfg, args.data_dir, data=args.data, group=group,
+                          gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
     finally:
         lm.model.to("cpu")
+    if not group.is_main:
+        return result
     print(record_summary(result.state.training["data"]), file=sys.stderr, flush=True)
     if result.alpha_search is not None:
         alpha = result.state.method["smooth_alpha"]

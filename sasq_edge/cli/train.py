@@ -1,6 +1,12 @@
-"""sasq-train: calibrate and train the activation scales of a model; write the scale state."""
+"""sasq-train: calibrate and train the activation scales of a model; write the scale state.
+
+Under ``accelerate launch`` / ``torchrun`` every process runs this command (data parallel,
+``sasq_edge.distributed``); rank 0 alone locks and writes the run folder and prints the summary."""
 
 from __future__ import annotations
+
+import contextlib
+import sys
 
 from sasq_edge.cli import recipe
 from sasq_edge.cli.common import DATA_EPILOG, add_data_args, add_model_args, data_spec, emit, entry, parser
@@ -16,37 +22,55 @@ def _train(argv: list[str] | None) -> int:
     p.add_argument("--layerwise", action="store_true",
                    help="calibrate a local safetensors checkpoint one decoder layer at a time (automatic when the float32 "
                         "model would not fit in memory; no training: --train-steps 0)")
+    recipe.add_scaleout_args(p)
     args = p.parse_args(argv)
     from runtime.io import OutputFolder, preflight
     from runtime.sources import record_text
     from runtime.state import RECIPE_FILE, SCALES_FILE
+    from sasq_edge.distributed import init_from_env, shutdown
+    from sasq_edge.errors import ConfigError
     from sasq_edge.layerwise import run_layerwise, should_go_layerwise
     from sasq_edge.models import load_model
 
     cfg = recipe.config(args)
     data_spec(args.data)  # a bad spec fails before the model loads
-    unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
-    preflight(unit.folder)
-    with unit.lock():  # a second run on the same folder fails now, not after training
-        folder = should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, cfg.train_steps > 0)
-        if folder is not None:  # bigger than memory: calibrate one decoder layer at a time
-            state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
-                                  progress=not args.json)
-            state.save(args.run_dir)
-            emit(args, f"calibrated {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
-                       f"windows of {state.training['seq_len']} tokens, profile {state.profile}) -> {args.run_dir}",
-                 {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **state.training})
-            return 0
-        lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-        result = recipe.run(lm, args, cfg)
-        state, report = result.state, result.report
-        state.save(args.run_dir)
+    group = init_from_env(recipe.device(args))
+    try:
+        unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
+        if group.is_main:
+            preflight(unit.folder)
+        # a second run on the same folder fails now, not after training; only rank 0 writes
+        with unit.lock() if group.is_main else contextlib.nullcontext():
+            folder = should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, cfg.train_steps > 0)
+            if folder is not None:  # bigger than memory: calibrate one decoder layer at a time
+                if group.world > 1:
+                    raise ConfigError("layer-by-layer calibration runs in one process: start sasq-train without "
+                                      "accelerate launch / torchrun")
+                state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
+                                      progress=not args.json)
+                state.save(args.run_dir)
+                emit(args, f"calibrated {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
+                           f"windows of {state.training['seq_len']} tokens, profile {state.profile}) -> {args.run_dir}",
+                     {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **state.training})
+                return 0
+            recipe.check_memory(args, cfg, recipe.device(args))
+            group.barrier()  # every process checked the memory before any loads its model
+            lm = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=recipe.torch_dtype(args))
+            result = recipe.run(lm, args, cfg, group)
+            state, report = result.state, result.report
+            if group.is_main:
+                state.save(args.run_dir)
+    finally:
+        shutdown(group)
+    if not group.is_main:
+        return 0
     factors = sum(v.size for v in state.smooth.values())
     what = f"{len(state.scales)} activation scales"
     if factors:
         what += f" and {factors} smoothing factors" if cfg.smooth_learn else f" ({factors} smoothing factors folded)"
     data, heldout = state.training["data"], state.training.get("heldout")
-    summary = (f"trained {what} ({cfg.objective} objective, profile {state.profile}) in {report.steps} steps "
+    on = f" on {group.world} processes (global batch {cfg.batch_size * group.world})" if group.world > 1 else ""
+    summary = (f"trained {what} ({cfg.objective} objective, profile {state.profile}) in {report.steps} steps{on} "
                f"({report.tokens} tokens, {report.wall_s:.1f} s) on {record_text(data)} ({data['windows']} windows) "
                f"-> {args.run_dir}")
     if heldout:
@@ -56,8 +80,12 @@ def _train(argv: list[str] | None) -> int:
     emit(args, summary,
          {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **report.summary(),
           "objective": cfg.objective, "smoothing_factors": factors, "smooth_alpha": state.method.get("smooth_alpha"),
-          "data": data, "heldout": heldout})
+          "data": data, "heldout": heldout, "processes": group.world, "global_batch": cfg.batch_size * group.world,
+          "dtype": state.training["weights_dtype"], "gradient_checkpointing": args.gradient_checkpointing})
     return 0
 
 
 main = entry("sasq-train", _train)
+
+if __name__ == "__main__":  # accelerate launch -m sasq_edge.cli.train / torchrun -m sasq_edge.cli.train
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Scale-out (issue 11): data-parallel training over two real gloo processes equals one process
+with the global batch; bf16 weights and activation checkpointing; the memory estimate against a
+measured peak, and the one-line refusal of a run that will not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from sasq_edge import memory
+from sasq_edge.cli.train import main as train_main
+from sasq_edge.config import QuantConfig
+from sasq_edge.errors import ConfigError
+from sasq_edge.models import tiny_random_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--seq-len", "32", "--calib-batches", "2", "--train-steps", "3", "--lr", "0.05"]
+
+
+def _scales(run: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run / "scales.safetensors"))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _max_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(b[k]), 1e-12))) for k in a)
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path, data_dir):
+    """torchrun starts 2 gloo processes with batch 1 each; one process with batch 2 draws the same
+    windows: the trained scales (and learned smoothing factors) agree to float32 summation order,
+    and the run folder records the processes and the global batch."""
+    args = ["--model", "tiny-random-llama", "--data-dir", str(data_dir), *QUICK]
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, "-m", "sasq_edge.cli.train", str(one), *args, "--batch-size", "2", "--json"],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "sasq_edge.cli.train", str(two), *args, "--batch-size", "1", "--json"],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 alone prints
+    assert res["processes"] == 2 and res["global_batch"] == 2 and len(proc.stdout.strip().splitlines()) == 1
+    training = json.loads((two / "recipe.json").read_text())["training"]
+    assert training["processes"] == 2 and training["rank_max_diff"] == 0.0  # every rank took the same steps
+    a, b = _scales(two), _scales(one)
+    assert _max_rel(a, b) < 1e-4
+    ref = json.loads((one / "recipe.json").read_text())["training"]
+    assert training["heldout"]["ptq_ppl"] == ref["heldout"]["ptq_ppl"]  # rank 0's calibration is the single run's
+    assert not list(two.glob(".sasq-*"))
+
+
+def test_gradient_checkpointing_trains_the_same_scales(tmp_path, data_dir):
+    runs = {}
+    for name, extra in (("plain", []), ("ckpt", ["--gradient-checkpointing"])):
+        runs[name] = tmp_path / name
+        assert train_main([str(runs[name]), "--model", "tiny-random-llama", "--data-dir", str(data_dir), *QUICK, *extra]) == 0
+    assert _max_rel(_scales(runs["ckpt"]), _scales(runs["plain"])) < 1e-6
+
+
+def _bf16_checkpoint(folder: Path) -> Path:
+    lm = tiny_random_llama()
+    lm.model.to(torch.bfloat16).save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bf16_weights_train_and_export(tmp_path, data_dir):
+    """A bf16 checkpoint trained with --dtype bf16: its INT8 codes are those of the float32 run (bf16
+    widens to float32 exactly), the scales close to the float32 run's, and it exports."""
+    from sasq_edge.cli.export import main as export_main
+
+    ckpt = _bf16_checkpoint(tmp_path / "ckpt")
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        runs[dtype] = tmp_path / dtype
+        assert train_main([str(runs[dtype]), "--model", str(ckpt), "--data-dir", str(data_dir), *QUICK, "--dtype", dtype]) == 0
+    recipes = {k: json.loads((v / "recipe.json").read_text()) for k, v in runs.items()}
+    assert recipes["bf16"]["training"]["weights_dtype"] == "bfloat16"
+    assert recipes["bf16"]["weights"] == recipes["fp32"]["weights"]  # the same INT8 weights
+    assert _max_rel(_scales(runs["bf16"]), _scales(runs["fp32"])) < 0.05
+    assert export_main([str(tmp_path / "out" / "model.onnx"), "--model", str(ckpt), "--scales", str(runs["bf16"])]) == 0
+
+
+def _config(hidden: int, inter: int, layers: int, vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                       num_key_value_heads=hidden // 64, vocab_size=vocab, tie_word_embeddings=True)
+
+
+def test_memory_estimate_against_a_measured_peak(tmp_path):
+    """A random 45M-parameter Llama calibrated and trained (default recipe, 256-token windows) in a
+    fresh process: its peak RSS lies within 40% of the estimate made from the config alone."""
+    cfg = _config(512, 1536, 8, 8192)
+    qcfg = QuantConfig.from_recipe("default", seq_len=256, calib_batches=2, train_steps=2)
+    est = memory.estimate(cfg, qcfg)
+    code = f"""
+import json, resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from sasq_edge.config import QuantConfig
+from sasq_edge.models import LoadedModel, byte_tokenizer
+from sasq_edge.pipeline import run_sasq
+import numpy as np
+torch.manual_seed(0)
+cfg = LlamaConfig(**json.loads(sys.argv[1]))
+model = LlamaForCausalLM(cfg).eval()
+qcfg = QuantConfig.from_recipe("default", seq_len=256, calib_batches=2, train_steps=2)
+windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, 256))
+run_sasq(LoadedModel(model, byte_tokenizer(), "random"), qcfg, windows=windows, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+    proc = subprocess.run([sys.executable, "-c", code, cfg.to_json_string()], capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    assert 0.6 < peak / est.peak < 1.4, (peak / 2**20, est.peak / 2**20, est.summary())
+
+
+def test_memory_estimate_of_large_models():
+    """7B in float32 does not fit 24 GiB, in bf16 with checkpointing it does; more processes need more."""
+    llama7b = _config(4096, 11008, 32, 32000)
+    llama7b.tie_word_embeddings = False
+    q = QuantConfig.from_recipe("default")
+    fp32, bf16 = memory.estimate(llama7b, q), memory.estimate(llama7b, q, dtype="bfloat16", gradient_checkpointing=True)
+    assert fp32.peak > 24 * memory.GIB and bf16.peak < fp32.peak / 2
+    assert memory.Sizes.of(llama7b).params == pytest.approx(6.74e9, rel=0.01)  # Llama-2-7B's linears and embeddings
+    with pytest.raises(ConfigError, match=r"need about .* GiB .* has 20.0 GiB free: use .*--dtype bf16.*--gradient-checkpointing"):
+        memory.check(fp32, q, dtype="float32", gradient_checkpointing=False, host_free=20 * memory.GIB)
+    memory.check(bf16, q, dtype="bfloat16", gradient_checkpointing=True, host_free=int(bf16.peak * 1.1))
+    with pytest.raises(ConfigError, match="2 processes x"):
+        memory.check(bf16, q, dtype="bfloat16", gradient_checkpointing=True, processes=2, host_free=int(bf16.peak * 1.1))
+
+
+def test_train_refuses_a_run_that_will_not_fit(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(memory, "host_available", lambda *a: 1 << 20)  # 1 MiB free
+    code = train_main([str(tmp_path / "run"), "--model", "tiny-random-llama", "--data-dir", str(data_dir), *QUICK])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "GiB free" in err and "--no-memory-check" in err
+    assert not (tmp_path / "run").exists()
+    assert train_main([str(tmp_path / "run"), "--model", "tiny-random-llama", "--data-dir", str(data_dir), *QUICK,
+                       "--no-memory-check"]) == 0
+
