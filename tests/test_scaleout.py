@@ -54,11 +54,17 @@ def test_two_processes_train_what_one_process_trains(tmp_path, data_dir):
                           capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 alone prints
-    assert res["processes"] == 2 and res["global_batch"] == 2 and len(proc.stdout.strip().splitlines()) == 1
+    lines = proc.stdout.strip().splitlines()
+    assert res["processes"] == 2 and res["global_batch"] == 2
+    assert sum(line.startswith("{") for line in lines) == 1 and sum(line.startswith("trained ") for line in lines) == 1
     training = json.loads((two / "recipe.json").read_text())["training"]
     assert training["processes"] == 2 and training["rank_max_diff"] == 0.0  # every rank took the same steps
     a, b = _scales(two), _scales(one)
-    assert _max_rel(a, b) < 1e-4
+    # activation scales agree to float32 summation order; Adam turns the last bits of near-zero
+    # gradients of the smoothing factors into steps of up to lr, so those agree to well below one step
+    assert _max_rel({k: v for k, v in a.items() if v.ndim == 0}, {k: v for k, v in b.items() if v.ndim == 0}) < 1e-4
+    smooth = [k for k in a if a[k].ndim == 1]
+    assert smooth and max(float(np.abs(np.log(a[k] / b[k])).max()) for k in smooth) < 0.1 * 0.05
     ref = json.loads((one / "recipe.json").read_text())["training"]
     assert training["heldout"]["ptq_ppl"] == ref["heldout"]["ptq_ppl"]  # rank 0's calibration is the single run's
     assert not list(two.glob(".sasq-*"))
@@ -80,20 +86,26 @@ def _bf16_checkpoint(folder: Path) -> Path:
 
 
 def test_bf16_weights_train_and_export(tmp_path, data_dir):
-    """A bf16 checkpoint trained with --dtype bf16: its INT8 codes are those of the float32 run (bf16
-    widens to float32 exactly), the scales close to the float32 run's, and it exports."""
+    """A bf16 checkpoint trained with --dtype bf16: without smoothing its INT8 codes are those of the
+    float32 run (bf16 widens to float32 exactly); with the default recipe the smoothing factors fold
+    in bf16 as in training, so the export (float32) rebuilds the same INT8 codes and accepts the
+    scales; the scales stay close to the float32 run's."""
     from sasq_edge.cli.export import main as export_main
 
     ckpt = _bf16_checkpoint(tmp_path / "ckpt")
-    runs = {}
-    for dtype in ("fp32", "bf16"):
-        runs[dtype] = tmp_path / dtype
-        assert train_main([str(runs[dtype]), "--model", str(ckpt), "--data-dir", str(data_dir), *QUICK, "--dtype", dtype]) == 0
-    recipes = {k: json.loads((v / "recipe.json").read_text()) for k, v in runs.items()}
-    assert recipes["bf16"]["training"]["weights_dtype"] == "bfloat16"
-    assert recipes["bf16"]["weights"] == recipes["fp32"]["weights"]  # the same INT8 weights
-    assert _max_rel(_scales(runs["bf16"]), _scales(runs["fp32"])) < 0.05
-    assert export_main([str(tmp_path / "out" / "model.onnx"), "--model", str(ckpt), "--scales", str(runs["bf16"])]) == 0
+    recipes, runs = {}, {}
+    for smooth in ("default", "off"):
+        for dtype in ("fp32", "bf16"):
+            run = runs[smooth, dtype] = tmp_path / f"{dtype}-{smooth}"
+            extra = ["--smooth-alpha", "off"] if smooth == "off" else []
+            assert train_main([str(run), "--model", str(ckpt), "--data-dir", str(data_dir), *QUICK, "--dtype", dtype, *extra]) == 0
+            recipes[smooth, dtype] = json.loads((run / "recipe.json").read_text())
+    assert recipes["default", "bf16"]["training"]["weights_dtype"] == "bfloat16"
+    assert recipes["off", "bf16"]["weights"] == recipes["off", "fp32"]["weights"]  # the same INT8 weights
+    assert _max_rel(_scales(runs["off", "bf16"]), _scales(runs["off", "fp32"])) < 0.05
+    out = tmp_path / "out" / "model.onnx"
+    assert export_main([str(out), "--model", str(ckpt), "--scales", str(runs["default", "bf16"]), "--json"]) == 0
+    assert json.loads((out.parent / "recipe.json").read_text())["weights"] == recipes["default", "bf16"]["weights"]
 
 
 def _config(hidden: int, inter: int, layers: int, vocab: int):
