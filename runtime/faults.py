@@ -207,7 +207,7 @@ def seeded_faults(model: onnx.ModelProto) -> dict[str, Callable[[onnx.ModelProto
         "zero point off by one": lambda m: zero_point_off_by_one(m, down),
         "two weight rows swapped": lambda m: swap_weight_rows(m, q),
         "Q/DQ pair dropped": lambda m: drop_qdq(m, down),
-        "RMSNorm epsilon x10": lambda m: rms_epsilon_times(m, mid, 10.0),
+        "RMSNorm epsilon x1000": lambda m: rms_epsilon_times(m, mid, 1000.0),
         "square weight transposed": lambda m: transpose_weight(m, q),
     }
     if INT8_ALLOWED in options:

@@ -128,7 +128,7 @@ class QuantConfig:
 _LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, lr_schedule="cosine", lr=0.01,
                 objective="kd")
 RECIPES: dict[str, dict[str, Any]] = {
-    "fast": {**_LEARNED, "seq_len": 512, "train_steps": 50},
-    "default": {**_LEARNED, "seq_len": 512, "train_steps": 100},
+    "fast": {**_LEARNED, "seq_len": 512, "train_steps": 20},
+    "default": {**_LEARNED, "seq_len": 512, "train_steps": 50},
     "best": {**_LEARNED, "seq_len": 2048, "train_steps": 200},
 }

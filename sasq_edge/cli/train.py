@@ -41,7 +41,10 @@ def _train(argv: list[str] | None) -> int:
             preflight(unit.folder)
         # a second run on the same folder fails now, not after training; only rank 0 writes
         with unit.lock() if group.is_main else contextlib.nullcontext():
-            folder = should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, cfg.train_steps > 0)
+            # bf16 training holds half the float32 model: the memory check below decides whether it fits
+            bf16_training = args.dtype == "bf16" and cfg.train_steps > 0 and not args.layerwise
+            folder = None if bf16_training else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code,
+                                                                    cfg.train_steps > 0)
             if folder is not None:  # bigger than memory: calibrate one decoder layer at a time
                 if group.world > 1:
                     raise ConfigError("layer-by-layer calibration runs in one process: start sasq-train without "
