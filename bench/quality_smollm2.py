@@ -202,14 +202,21 @@ WORK = OUT.parent.parent / ".work" / "quality"
 ROWS = ["fp32", "dynamic", "smoothquant", "sasq-ce-best", *VARIANTS, "default"]
 
 
-def eval_windows_all(tokenizer) -> dict[str, np.ndarray]:
+def eval_windows_all(tokenizer, seq_len: int = 2048, cap: int | None = None) -> dict[str, np.ndarray]:
+    """The evaluation windows of every domain: by default the full protocol (all 148 WikiText-2
+    test windows of 2048, and ``EVAL_WINDOWS`` of each other domain); ``seq_len`` and ``cap`` (the
+    first ``cap`` windows of each domain) give the shorter protocol."""
     from runtime.data import make_windows
 
     sets = token_sets(tokenizer)
-    out = {"wiki": make_windows(sets["wiki_test"], 2048)}  # all 148 windows: the full protocol
+    out = {"wiki": make_windows(sets["wiki_test"], seq_len, cap)}  # cap None: all windows, the full protocol
     for d, n in EVAL_WINDOWS.items():
-        out[d] = make_windows(sets[d], 2048, n)
+        out[d] = make_windows(sets[d], seq_len, min(n, cap) if cap else n)
     return out
+
+
+def eval_path(seq_len: int, cap: int | None) -> Path:
+    return OUT / ("eval.json" if (seq_len, cap) == (2048, None) else f"eval_{cap}x{seq_len}.json")
 
 
 def _export_state(name: str, state) -> Path:
@@ -271,9 +278,9 @@ def eval_stage(args) -> None:
     from sasq_edge.evaluate import perplexity as torch_ppl
 
     torch.set_num_threads(args.threads)
-    path = OUT / "eval.json"
-    res = _load(path) or {"rows": {}, "machine": machine()}
-    windows = eval_windows_all(load_tokenizer(str(Path(MODEL))))
+    path = eval_path(args.seq_len, args.windows)
+    res = _load(path) or {"rows": {}, "machine": machine(), "seq_len": args.seq_len, "windows_cap": args.windows}
+    windows = eval_windows_all(load_tokenizer(str(Path(MODEL))), args.seq_len, args.windows)
     for name in args.rows or ROWS:
         row = res["rows"].setdefault(name, {})
         todo = [d for d in windows if d not in row]
@@ -383,6 +390,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--objective", default="kd")
     p.add_argument("--rows", nargs="*", help="eval: only these rows")
+    p.add_argument("--seq-len", type=int, default=2048, help="eval: window length (default 2048, the full protocol)")
+    p.add_argument("--windows", type=int, default=None, help="eval: the first N windows of each domain (default: all)")
     args = p.parse_args()
     {"curve": curve_stage, "variants": variants_stage, "default": default_stage, "eval": eval_stage,
      "report": report_stage}[args.stage](args)

@@ -182,8 +182,8 @@ def _size_mb(path: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--float", required=True, help="our float export (sasq-export --float)")
-    p.add_argument("--ours", required=True, help="our export, profile auto (fused graph)")
+    p.add_argument("--float", help="our float export (sasq-export --float)")
+    p.add_argument("--ours", help="our export, profile auto (fused graph)")
     p.add_argument("--ours-int8-head", help="our export with --int8-lm-head")
     p.add_argument("--traced", help="the same scales exported with --graph traced")
     p.add_argument("--genai-python")
@@ -197,7 +197,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(RESULTS / "speed_smollm2"))
+    p.add_argument("--rounds-from", help="take the timing rounds from the log of an earlier run (printed lines "
+                                        "'round N row: {...}'), measure only the perplexities")
+    p.add_argument("--report", action="store_true", help="rewrite the table from the JSON the last run wrote")
     args = p.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        args.threads, args.rounds = saved["threads"], saved["rounds"]
+        report(args, saved["rows"])
+        return
 
     rows: dict[str, dict] = {}
 
@@ -232,7 +240,14 @@ def main() -> None:
                     lambda gguf=gguf: measure_llama(args.llama_bench, gguf, t),
                     (lambda gguf=gguf: ppl_llama(args.llama_python, gguf, windows, t)) if args.llama_python else None, gguf)
 
-    for r in range(args.rounds):
+    if args.rounds_from:  # the timing rounds a run printed before it stopped (its PPL stage failed)
+        for line in Path(args.rounds_from).read_text().splitlines():
+            if line.startswith("round ") and ": {" in line:
+                name, data = line.split(" ", 2)[2].split(": ", 1)
+                if name in rows:
+                    rows[name]["rounds"].append(json.loads(data))
+        args.rounds = min(len(r["rounds"]) for r in rows.values())
+    for r in range(0 if args.rounds_from else args.rounds):
         for name, row in rows.items():
             row["rounds"].append(row["measure"]())
             print(f"round {r + 1} {name}: {json.dumps(row['rounds'][-1])}", flush=True)
@@ -249,7 +264,7 @@ def report(args, rows: dict[str, dict]) -> None:
     import onnxruntime
 
     fp32 = rows["ort-fp32"]
-    result = {"model": "SmolLM2-135M-Instruct (Q4_1-dequantized)", "threads": args.threads, "rounds": args.rounds,
+    result = {"model": "SmolLM2-135M-Instruct (Q4_1-dequantized)", "threads": args.threads, "rounds": args.rounds, "rounds_from_log": bool(getattr(args, "rounds_from", None)),
               "decode_steps": DECODE_STEPS, "machine": {"cpu": platform.processor() or platform.machine(),
                                                          "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__},
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
@@ -260,10 +275,13 @@ def report(args, rows: dict[str, dict]) -> None:
              f"(decode: median of {DECODE_STEPS} steps); PPL on WikiText-2 test, first 16 windows of 512 tokens.", "",
              "| configuration | prefill 512 ms | x FP32 | decode tok/s @512 | decode tok/s @2048 | file MB | peak RSS MB | PPL 16x512 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows.values():
+    for name, row in rows.items():
         ppl = f"{row['ppl_16x512']:.3f}" if row["ppl_16x512"] else "—"
+        # llama-bench (this build has no depth option) gives decode only as (prefill + 32 steps) - prefill:
+        # at 2048 the difference of two ~5 s runs is noise (one round came out negative), so it is not shown
+        d2048 = "—" if name.startswith("llama.cpp") else f"{1000 / row['decode_2048_ms']:.1f}"
         lines.append(f"| {row['label']} | {row['prefill_512_ms']:.0f} | {fp32['prefill_512_ms'] / row['prefill_512_ms']:.2f} | "
-                     f"{1000 / row['decode_512_ms']:.1f} | {1000 / row['decode_2048_ms']:.1f} | {row['size_mb']:.1f} | "
+                     f"{1000 / row['decode_512_ms']:.1f} | {d2048} | {row['size_mb']:.1f} | "
                      f"{row['peak_rss_mb']:.0f} | {ppl} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -7,6 +7,8 @@ The session options a model needs (for example ``session.qdqisint8allowed``) are
 
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +49,32 @@ class CacheSpec:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype) for n in self.past_names}
 
 
+def _config_head_dim(path: Path) -> int | None:
+    """The attention head size from the ``genai_config.json`` or ``config.json`` beside the model, or None."""
+    try:  # ONNX Runtime GenAI's folders carry genai_config.json only
+        genai = json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+        if isinstance(genai, int):
+            return genai
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    head_dim = config.get("head_dim")
+    if isinstance(head_dim, int):
+        return head_dim
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
 def _cache_spec(sess: ort.InferenceSession, path: Path) -> CacheSpec | None:
     past = [i for i in sess.get_inputs() if i.name.startswith(PAST_PREFIX)]
     if not past:
         return None
-    shape = past[0].shape
+    shape = list(past[0].shape)
+    if len(shape) == 4 and isinstance(shape[1], int) and not isinstance(shape[3], int):
+        shape[3] = _config_head_dim(path)  # a symbolic head size (ONNX Runtime GenAI's builder): the config's
     if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
         raise RuntimeSetupError(f"{path}: cache input {past[0].name} has shape {shape}, expected [batch, kv_heads, past, head_dim]")
     outputs = {o.name for o in sess.get_outputs()}
