@@ -264,7 +264,8 @@ def report(args, rows: dict[str, dict]) -> None:
     import onnxruntime
 
     fp32 = rows["ort-fp32"]
-    result = {"model": "SmolLM2-135M-Instruct (Q4_1-dequantized)", "threads": args.threads, "rounds": args.rounds, "rounds_from_log": bool(getattr(args, "rounds_from", None)),
+    result = {"model": "SmolLM2-135M-Instruct (Q4_1-dequantized)", "threads": args.threads, "rounds": args.rounds,
+              "rounds_from_log": bool(getattr(args, "rounds_from", None)),
               "decode_steps": DECODE_STEPS, "machine": {"cpu": platform.processor() or platform.machine(),
                                                          "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__},
               "date": time.strftime("%Y-%m-%d"), "rows": rows}

@@ -8,7 +8,6 @@ The session options a model needs (for example ``session.qdqisint8allowed``) are
 from __future__ import annotations
 
 import json
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

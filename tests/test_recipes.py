@@ -76,6 +76,7 @@ def test_main_job_block_is_what_bench_runs():
     """bench/main_job.py runs the README's main job as written: its parser finds every command,
     each sasq command is an installed console script, and the first export is the plain one."""
     import importlib.util
+
     import tomllib
 
     spec = importlib.util.spec_from_file_location("main_job", README.parent / "bench" / "main_job.py")

@@ -121,7 +121,7 @@ def test_memory_estimate_against_a_measured_peak(tmp_path):
     cfg = _config(512, 1536, 8, 8192)
     qcfg = QuantConfig.from_recipe("default", seq_len=256, calib_batches=2, train_steps=2)
     est = memory.estimate(cfg, qcfg)
-    code = f"""
+    code = """
 import json, resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from sasq_edge.config import QuantConfig
