@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "genai_compat"))
     args = p.parse_args()
     from runtime import open_session
-    from runtime.folder import load_tokenizer
+    from runtime.folder import eos_ids, load_tokenizer
     from runtime.generate import Sampling, generate
 
     path = Path(args.onnx)
@@ -69,19 +69,23 @@ def main() -> None:
     rows = []
     for prompt, row in zip(PROMPTS, theirs["rows"], strict=True):
         ids = tok.encode(prompt).ids
-        ours, _ = generate(sess, ids, Sampling(max_new_tokens=args.new_tokens))
+        # both stop at the end-of-sequence token, as sasq-generate and GenAI's generator do by default
+        ours, _ = generate(sess, ids, Sampling(max_new_tokens=args.new_tokens, stop_ids=tuple(eos_ids(path))))
         rows.append({"prompt": prompt, "same_prompt_ids": ids == row["prompt_ids"], "equal": ours == row["tokens"],
                      "ours": ours, "genai": row["tokens"]})
-        print(f"{prompt!r}: {'equal' if rows[-1]['equal'] else 'DIFFERENT'} over {args.new_tokens} greedy tokens", flush=True)
+        verdict = "equal" if rows[-1]["equal"] else "DIFFERENT"
+        print(f"{prompt!r}: {verdict} over {len(ours)} greedy tokens (at most {args.new_tokens})", flush=True)
     result = {"model": str(path), "profile": sess.profile, "graph": sess.metadata.get("sasq.graph"),
               "new_tokens": args.new_tokens, "genai": theirs["genai"], "genai_onnxruntime": theirs["onnxruntime"], "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"ONNX Runtime GenAI {theirs['genai']} (onnxruntime {theirs['onnxruntime']}, its generator, shared past/present "
-             f"buffer) on our export (profile {result['profile']}, {result['graph']} graph), {args.new_tokens} greedy tokens:", "",
-             "| prompt | same prompt ids | GenAI tokens == runtime.generate tokens |", "| --- | --- | --- |"]
-    lines += [f"| {r['prompt']!r} | {'yes' if r['same_prompt_ids'] else 'NO'} | {'yes' if r['equal'] else 'NO'} |" for r in rows]
+             f"buffer) on our export (profile {result['profile']}, {result['graph']} graph), up to {args.new_tokens} greedy "
+             "tokens, both stopping at the end-of-sequence token:", "",
+             "| prompt | same prompt ids | tokens | GenAI tokens == runtime.generate tokens |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['prompt']!r} | {'yes' if r['same_prompt_ids'] else 'NO'} | {len(r['ours'])} | {'yes' if r['equal'] else 'NO'} |"
+              for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if not all(r["equal"] and r["same_prompt_ids"] for r in rows):
         raise SystemExit(1)
