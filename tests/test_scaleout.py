@@ -122,7 +122,7 @@ def test_memory_estimate_against_a_measured_peak(tmp_path):
     qcfg = QuantConfig.from_recipe("default", seq_len=256, calib_batches=2, train_steps=2)
     est = memory.estimate(cfg, qcfg)
     code = """
-import json, resource, sys, torch
+import json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from sasq_edge.config import QuantConfig
 from sasq_edge.models import LoadedModel, byte_tokenizer
@@ -134,7 +134,8 @@ model = LlamaForCausalLM(cfg).eval()
 qcfg = QuantConfig.from_recipe("default", seq_len=256, calib_batches=2, train_steps=2)
 windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, 256))
 run_sasq(LoadedModel(model, byte_tokenizer(), "random"), qcfg, windows=windows, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM: this process image's peak (ru_maxrss would carry the forking pytest process's peak across exec)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
     proc = subprocess.run([sys.executable, "-c", code, cfg.to_json_string()], capture_output=True, text=True, env=_env(),
                           timeout=600)
