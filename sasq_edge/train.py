@@ -67,7 +67,16 @@ class TrainReport:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process image so far, in MiB: ``VmHWM`` of
+    ``/proc/self/status`` (``ru_maxrss`` would carry the peak of a large parent that forked this
+    process across exec); ``ru_maxrss`` where there is no ``/proc``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
