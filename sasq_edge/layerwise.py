@@ -31,6 +31,8 @@ from sasq_edge.arch import arch_spec
 from sasq_edge.errors import ModelLoadError
 
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class Checkpoint:
@@ -50,17 +52,40 @@ class Checkpoint:
             raise ModelLoadError(f"{self.folder} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}): "
                                  "layer-by-layer loading reads safetensors checkpoints only")
         self.weight_map: dict[str, str] = weight_map
-        self._open = safe_open
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def _header(self, file: str) -> tuple[dict, int]:
+        """The safetensors header of ``file`` (name -> dtype, shape, data offsets) and where its
+        data starts."""
+        if file not in self._headers:
+            with open(self.folder / file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[file] = (json.loads(f.read(size)), 8 + size)
+        return self._headers[file]
+
     def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read with plain file reads into memory of its own. Not through a
+        memory map: mapped checkpoint pages, once read, count in the process's resident memory
+        until the mapping closes, so a layer-by-layer pass over a 13 GB checkpoint would look
+        (and, under memory pressure, behave) like a 13 GB process."""
         file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = self._open(str(self.folder / file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        header, base = self._header(file)
+        info = header[name]
+        if info["dtype"] not in _DTYPES:
+            raise ModelLoadError(f"{name} in {file} is {info['dtype']}: layer-by-layer loading reads float and integer tensors")
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        start, end = info["data_offsets"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        with open(self.folder / file, "rb") as f:
+            f.seek(base + start)
+            data = bytearray(f.read(end - start))
+        if len(data) != end - start:
+            raise ModelLoadError(f"{self.folder / file} is truncated at {name}: download it again")
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 class LayerwiseModel:

@@ -42,6 +42,30 @@ def test_checkpoint_reads_one_tensor_at_a_time(folder):
     assert "lm_head.weight" not in ckpt  # tied: read from the embedding
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_checkpoint_reads_what_safetensors_reads(tmp_path, dtype):
+    """Every tensor, read with plain file reads (no memory map), equals safetensors' own reading,
+    bit for bit, in each float dtype checkpoints ship in; a truncated file is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from sasq_edge.errors import ModelLoadError
+
+    tensors = {k: v.to(dtype).clone() for k, v in tiny_random_llama().model.state_dict().items() if k != "lm_head.weight"}
+    tensors["empty"] = torch.zeros(0, 4, dtype=dtype)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ckpt, ref = Checkpoint(tmp_path), load_file(str(tmp_path / "model.safetensors"))
+    for k, v in ref.items():
+        got = ckpt.get(k)
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got.view(torch.uint8) if got.numel() else got,
+                                                                              v.view(torch.uint8) if v.numel() else v), k
+    header = ckpt._header("model.safetensors")[0]
+    last = max(ref, key=lambda k: header[k]["data_offsets"][1])
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 10])  # cut after the checkpoint was opened
+    with pytest.raises(ModelLoadError, match="truncated"):
+        ckpt.get(last)
+
+
 @pytest.mark.parametrize("options", [{}, {"smooth_alpha": 0.5, "smooth_learn": True}, {"lm_head": True}],
                          ids=["plain", "smooth-learned", "int8-head"])
 def test_layer_by_layer_export_is_bit_identical(folder, tmp_path, options):
