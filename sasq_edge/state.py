@@ -74,7 +74,7 @@ def apply_state(model: nn.Module, state: ScaleState) -> nn.Module:
     if bool(state.smooth) != (config.smooth_alpha is not None):
         raise StateError("the recipe's smooth_alpha and the stored smoothing factors disagree: retrain the scales")
     # scales trained on bf16 weights (sasq-train --dtype bf16): fold and encode in bf16 as training
-    # did, so the INT8 codes are the trained ones; the model goes back to its dtype after
+    # did, so the INT8 codes are the trained ones; a float32 model returns to float32 after (exact)
     dtype = next(model.parameters()).dtype
     trained_in = getattr(torch, str(state.training.get("weights_dtype", "float32")), dtype)
     model.to(trained_in)
@@ -84,7 +84,8 @@ def apply_state(model: nn.Module, state: ScaleState) -> nn.Module:
         except ConfigError as e:
             raise StateError(str(e)) from None
     prepare(model, config)
-    model.to(dtype)
+    if dtype == torch.float32:  # back to float32 (exact); never a narrower dtype over the float32 quantizers
+        model.to(dtype)
     modules = dict(quant_linears(model))
     if set(modules) != set(state.scales):
         diff = sorted(set(modules) ^ set(state.scales))
