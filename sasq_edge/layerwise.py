@@ -39,20 +39,17 @@ class Checkpoint:
     """The tensors of a Hugging Face checkpoint folder, read one at a time from its safetensors."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
+        self._headers: dict[str, tuple[dict, int]] = {}
         index = self.folder / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.folder / SINGLE_FILE).is_file():
-            with safe_open(str(self.folder / SINGLE_FILE), framework="pt") as f:
-                weight_map = {k: SINGLE_FILE for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+            weight_map = {k: SINGLE_FILE for k in self._header(SINGLE_FILE)[0] if k != "__metadata__"}
         else:
             raise ModelLoadError(f"{self.folder} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}): "
                                  "layer-by-layer loading reads safetensors checkpoints only")
         self.weight_map: dict[str, str] = weight_map
-        self._headers: dict[str, tuple[dict, int]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

@@ -34,7 +34,8 @@ def _train(argv: list[str] | None) -> int:
 
     cfg = recipe.config(args)
     data_spec(args.data)  # a bad spec fails before the model loads
-    group = init_from_env(recipe.device(args))
+    device = recipe.device(args)
+    group = init_from_env(device)
     try:
         unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
         if group.is_main:
@@ -56,7 +57,7 @@ def _train(argv: list[str] | None) -> int:
                            f"windows of {state.training['seq_len']} tokens, profile {state.profile}) -> {args.run_dir}",
                      {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **state.training})
                 return 0
-            recipe.check_memory(args, cfg, recipe.device(args))
+            recipe.check_memory(args, cfg, device)
             group.barrier()  # every process checked the memory before any loads its model
             lm = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=recipe.torch_dtype(args))
             result = recipe.run(lm, args, cfg, group)
