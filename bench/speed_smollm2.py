@@ -54,15 +54,16 @@ from runtime.session import open_session
 path, threads, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 sess = open_session(path, ["cpu"], threads)
 rng = np.random.default_rng(0)
-def prefill(n):
+def prefill(n, capacity=None):  # sasq-generate's decoder: in place on the fused graph's shared buffer
     ids = rng.integers(100, 40000, (1, n))
-    t = time.perf_counter(); logits, past = sess.step(ids, sess.cache.empty(1)); return time.perf_counter() - t, logits, past
+    decoder = sess.decoder(1, capacity or n)
+    t = time.perf_counter(); logits = decoder.step(ids); return time.perf_counter() - t, logits, decoder
 def decode(n):
-    _, logits, past = prefill(n)
+    _, logits, decoder = prefill(n, n + steps)
     times = []
     for _ in range(steps):
         token = np.array([[int(logits[0, -1].argmax())]])
-        t = time.perf_counter(); logits, past = sess.step(token, past); times.append(time.perf_counter() - t)
+        t = time.perf_counter(); logits = decoder.step(token); times.append(time.perf_counter() - t)
     return float(np.median(times))
 prefill(64)  # warm-up
 pre = float(np.median([prefill(512)[0] for _ in range(3)]))

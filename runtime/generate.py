@@ -85,7 +85,8 @@ def stream(
     stats: GenerationStats | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time. With a KV-cache graph each new token costs one cached
-    call; a graph without a cache re-runs the whole sequence. Stops at a stop id, after
+    call (in place on the fused graph's shared buffer, ``LMSession.decoder``); a graph without a
+    cache re-runs the whole sequence. Stops at a stop id, after
     ``max_new_tokens``, or at ``max_positions`` (the model's context)."""
     ids = [int(t) for t in prompt_ids]
     if not ids:
@@ -97,9 +98,12 @@ def stream(
     rng = np.random.default_rng(sampling.seed)
     cached = sess.cache is not None
 
+    if cached:  # room for the prompt and every new token: the fused graph then updates its cache in place
+        capacity = len(ids) + sampling.max_new_tokens
+        decoder = sess.decoder(1, capacity if max_positions is None else min(capacity, max_positions))
     t = time.perf_counter()
     if cached:
-        logits, past = sess.step(np.array([ids]), sess.cache.empty(1))
+        logits = decoder.step(np.array([ids]))
     else:
         logits = sess.logits(np.array([ids]))
     stats.prefill_s = time.perf_counter() - t
@@ -119,7 +123,7 @@ def stream(
             return
         t = time.perf_counter()
         if cached:
-            logits, past = sess.step(np.array([[token]]), past)
+            logits = decoder.step(np.array([[token]]))
         else:
             logits = sess.logits(np.array([ids]))
         stats.decode_s.append(time.perf_counter() - t)

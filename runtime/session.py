@@ -18,7 +18,7 @@ import onnxruntime as ort
 from runtime.errors import RuntimeSetupError
 from runtime.folder import check_folder
 from runtime.graph import PAST_PREFIX, PRESENT_PREFIX
-from runtime.metadata import META_PROFILE, read_metadata, session_config
+from runtime.metadata import META_GRAPH, META_PROFILE, read_metadata, session_config
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -122,6 +122,78 @@ class LMSession:
             feed["position_ids"] = np.broadcast_to(np.arange(start, start + new, dtype=np.int64), (batch, new)).copy()
         outs = self.session.run([REQUIRED_OUTPUT, *self.cache.present_names], feed)
         return outs[0], dict(zip(self.cache.past_names, outs[1:], strict=True))
+
+    @property
+    def shares_buffer(self) -> bool:
+        """Whether the graph takes a shared past/present buffer (the fused graph's
+        GroupQueryAttention) in host memory: on the CPU provider (on a GPU provider the host
+        buffer would be copied to the device and back every step)."""
+        return self.cache is not None and self.metadata.get(META_GRAPH) == "fused" and self.providers[0] == PROVIDERS["cpu"]
+
+    def decoder(self, batch: int = 1, capacity: int | None = None) -> Decoder | SharedBufferDecoder:
+        """A cached decoder for ``batch`` rows: with a shared-buffer graph and a ``capacity``
+        (the most tokens the sequence will hold), one that updates the cache in place."""
+        if self.cache is None:
+            raise RuntimeSetupError(f"{self.path} has no KV-cache inputs: re-export it without --no-kv-cache")
+        if capacity is not None and self.shares_buffer:
+            return SharedBufferDecoder(self, batch, capacity)
+        return Decoder(self, batch)
+
+
+class Decoder:
+    """Cached decoding that hands each step's cache back as numpy arrays (``LMSession.step``):
+    the graph writes a new present tensor, past plus the new tokens, every call."""
+
+    def __init__(self, sess: LMSession, batch: int) -> None:
+        self.sess = sess
+        self.past = sess.cache.empty(batch)
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.past.values())).shape[2]
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        logits, self.past = self.sess.step(input_ids, self.past)
+        return logits
+
+
+class SharedBufferDecoder:
+    """Cached decoding over GroupQueryAttention's shared past/present buffer (the fused graph):
+    one ``[batch, kv_heads, capacity, head_dim]`` tensor per cache name is bound as both the past
+    input and the present output, so a step writes only its new keys and values in place, where
+    ``LMSession.step`` has the graph copy the whole past into a new present tensor every token.
+    The lengths come from the attention mask (width = tokens so far), as ONNX Runtime GenAI's
+    generator feeds them."""
+
+    def __init__(self, sess: LMSession, batch: int, capacity: int) -> None:
+        if capacity < 1:
+            raise RuntimeSetupError(f"cache capacity {capacity} must be at least 1 token")
+        spec = sess.cache
+        self.sess, self.batch, self.capacity, self.length = sess, batch, capacity, 0
+        self.binding = sess.session.io_binding()
+        self.binding.bind_output(REQUIRED_OUTPUT, "cpu")  # first: outputs come back in binding order
+        self.buffers = {}
+        for past, present in zip(spec.past_names, spec.present_names, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, spec.kv_heads, capacity, spec.head_dim), spec.dtype))
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+            self.buffers[past] = value
+        self._feed: dict[str, np.ndarray] = {}  # the bound numpy inputs, alive until the next step
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids.shape[0] != self.batch:
+            raise RuntimeSetupError(f"this decoder holds a cache for batch {self.batch}, got input of batch {ids.shape[0]}")
+        total = self.length + ids.shape[1]
+        if total > self.capacity:
+            raise RuntimeSetupError(f"{total} tokens do not fit the cache of {self.capacity}: open a decoder with a larger capacity")
+        self._feed = {"input_ids": ids, "attention_mask": np.ones((self.batch, total), np.int64)}
+        for name, value in self._feed.items():
+            self.binding.bind_cpu_input(name, value)
+        self.binding.bind_output(REQUIRED_OUTPUT, "cpu")  # unallocated: its shape follows the step's length
+        self.sess.session.run_with_iobinding(self.binding)
+        self.length = total
+        return self.binding.get_outputs()[0].numpy()
 
 
 def resolve_providers(names: list[str] | tuple[str, ...]) -> list[str]:

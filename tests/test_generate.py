@@ -132,6 +132,34 @@ def test_incremental_decoding_equals_one_full_pass(cached):
     assert np.abs(full - ref).max() <= 1e-4  # measured <= 6e-7
 
 
+def test_shared_buffer_decoder_updates_the_cache_in_place(quant):
+    """The fused graph's decoder binds one buffer per cache name as past and present: the same
+    logits as the copying path (measured: bit-identical), no new buffer per step, and a clear
+    error past its capacity or for another batch."""
+    _, sess, _ = quant
+    assert sess.shares_buffer
+    ids = np.random.default_rng(11).integers(0, 257, (2, 20))
+    copying, shared = sess.decoder(2), sess.decoder(2, capacity=20)
+    assert type(copying).__name__ == "Decoder" and type(shared).__name__ == "SharedBufferDecoder"
+    pointers = {n: v.data_ptr() for n, v in shared.buffers.items()}
+    for a, b in [(0, 12), *((t, t + 1) for t in range(12, 20))]:
+        assert np.array_equal(copying.step(ids[:, a:b]), shared.step(ids[:, a:b]))
+    assert copying.length == shared.length == 20
+    assert {n: v.data_ptr() for n, v in shared.buffers.items()} == pointers
+    for name, value in shared.buffers.items():  # the buffer holds exactly the copying path's cache
+        assert np.array_equal(value.numpy(), copying.past[name])
+    with pytest.raises(RuntimeSetupError, match="do not fit the cache of 20"):
+        shared.step(ids[:, :1])
+    with pytest.raises(RuntimeSetupError, match="batch 2"):
+        sess.decoder(2, capacity=4).step(ids[:1, :1])
+
+
+def test_only_the_fused_graph_shares_its_buffer(flt):
+    _, sess = flt  # the float export is the traced graph: Concat grows the cache
+    assert not sess.shares_buffer
+    assert type(sess.decoder(1, capacity=8)).__name__ == "Decoder"
+
+
 def test_float_cache_equals_torch_cache(flt):
     lm, sess = flt
     ids = np.random.default_rng(3).integers(0, 257, (1, 9))
