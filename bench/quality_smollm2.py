@@ -92,7 +92,8 @@ def torch_select(model, select: dict[str, np.ndarray]) -> dict[str, float]:
 
 # --- curve ---------------------------------------------------------------------------------------
 
-CURVE = [(512, 50), (512, 100), (512, 200), (1024, 100), (256, 200), (2048, 50)]
+# cheapest first: each point appends to curve.json, so a run cut short keeps the points it finished
+CURVE = [(512, 50), (512, 100), (1024, 50), (512, 200), (1024, 100), (256, 200), (2048, 50)]
 
 
 def curve_stage(args) -> None:
@@ -310,7 +311,7 @@ LABELS = {
     "sasq-kd-wiki": "SASQ, distillation on WikiText, default budget",
     "sasq-kd-self": f"SASQ, distillation on self-generated text ({SELF})",
     "sasq-kd-mix": f"SASQ, distillation on a mix (0.5 WikiText + 0.5 {SELF})",
-    "default": "the default command: `sasq-export out/model.onnx --model M`",
+    "default": "the default command: `sasq-export out/model.onnx --model M` (distillation on the mix, 512 x 50)",
 }
 DOMAIN_NAMES = {"wiki": "WikiText-2 test (148 x 2048)", "code": "code (32 x 2048)", "docs": "docs (32 x 2048)",
                 "legal": "legal (25 x 2048)"}
@@ -352,6 +353,15 @@ def report_stage(args) -> None:
         else:
             t = "—"
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {t} |")
+    if variants.get("rows") and curve.get("float"):
+        f = curve["float"]
+        lines += ["", "How the rows were chosen: perplexity on the held-out selection sets (PyTorch fake-quant; WikiText-2 "
+                  "validation tail, code and docs windows after the evaluation ones; none of them trains):", "",
+                  "| configuration | wiki held-out | code held-out | docs held-out |", "| --- | --- | --- | --- |",
+                  f"| float | {f['wiki']:.3f} | {f['code']:.3f} | {f['docs']:.3f} |"]
+        for name, r in variants["rows"].items():
+            sp = r["select_ppl"]
+            lines.append(f"| {LABELS.get(name, name)} | {sp['wiki']:.3f} | {sp['code']:.3f} | {sp['docs']:.3f} |")
     if curve.get("runs"):
         lines += ["", "Quality against the training budget (held-out selection sets, PyTorch fake-quant; alpha 0.9, "
                   "distillation, cosine, lr 0.01):", "",

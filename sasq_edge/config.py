@@ -127,6 +127,7 @@ class QuantConfig:
 # for a few minutes; ``best`` is the longest run measured (a GPU's worth of steps).
 _LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, lr_schedule="cosine", lr=0.01,
                 objective="kd")
+# The presets' text when a command gets no --data: runtime.sources.DEFAULT_CALIBRATION_SPEC.
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": {**_LEARNED, "seq_len": 512, "train_steps": 20},
     "default": {**_LEARNED, "seq_len": 512, "train_steps": 50},

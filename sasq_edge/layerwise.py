@@ -402,9 +402,29 @@ def should_go_layerwise(spec: str, forced: bool, trust_remote_code: bool = False
     return None
 
 
+def layerwise_data(data: str | None) -> str | None:
+    """``data`` for a layer-by-layer run, which never holds the whole float model, so it cannot
+    sample text from it: the default mix (``DEFAULT_CALIBRATION_SPEC``) falls back to WikiText-2
+    alone, said on stderr; any other spec with a ``self`` source is refused."""
+    import sys
+
+    from runtime.sources import DEFAULT_CALIBRATION_SPEC, DEFAULT_SPEC, parse_data_spec
+    from sasq_edge.errors import ConfigError
+
+    if data is None or not any(s.kind == "self" for s in parse_data_spec(data).sources):
+        return data
+    if data == DEFAULT_CALIBRATION_SPEC:
+        print(f"sasq: layer by layer there is no whole model to sample text from: calibrating on {DEFAULT_SPEC} "
+              "instead of the default mix (--data chooses other text)", file=sys.stderr, flush=True)
+        return DEFAULT_SPEC
+    raise ConfigError(f"--data {data}: self: samples text from the whole float model, which a layer-by-layer run never "
+                      "holds in memory: give text (a file, a hub dataset, wikitext2), or run on a machine it fits")
+
+
 def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remote_code: bool = False,
                   progress: bool = True) -> ScaleState:
-    """PTQ of the model in ``folder`` layer by layer, on the calibration windows of ``data``."""
+    """PTQ of the model in ``folder`` layer by layer, on the calibration windows of ``data``
+    (``layerwise_data``: no text sampled from the model)."""
     from transformers import AutoTokenizer
 
     from runtime.data import sample_windows
@@ -416,6 +436,7 @@ def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remot
         raise ConfigError(f"{folder} does not fit in memory as a float32 model, and training its scales needs the whole "
                           "model: train on a GPU (sasq-train --device cuda), or calibrate only (--train-steps 0), which "
                           "runs layer by layer here")
+    data = layerwise_data(data)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     lw = LayerwiseModel(folder, trust_remote_code=trust_remote_code)
     lm = LoadedModel(lw.model, tokenizer, str(folder.resolve()))

@@ -8,6 +8,7 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
+from runtime.sources import DEFAULT_CALIBRATION_SPEC
 from sasq_edge.cli.export import main as export_main
 from sasq_edge.cli.ppl import main as ppl_main
 from sasq_edge.cli.train import main as train_main
@@ -48,8 +49,10 @@ def test_train(run_dir):
     assert (run_dir / "recipe.json").is_file() and (run_dir / "scales.safetensors").is_file()
     recipe = json.loads((run_dir / "recipe.json").read_text())
     assert recipe["training"]["steps"] == 2 and recipe["model"]["source"] == "tiny-random-llama"
-    data = recipe["training"]["data"]  # what the default --data read: WikiText-2 validation, no BOS
-    assert recipe["training"]["text"] == "wikitext2 validation" and (data["spec"], data["bos"]) == ("wikitext2", False)
+    data = recipe["training"]["data"]  # what the default --data read: WikiText-2 validation and sampled text, no BOS
+    assert data["spec"] == DEFAULT_CALIBRATION_SPEC == "0.5*wikitext2,0.5*self:32" and data["bos"] is False
+    text = recipe["training"]["text"]
+    assert text.startswith("0.5*wikitext2 validation [") and "sampled from the float model" in text
     # the default recipe holds the last 4 windows out of training: they pick SmoothQuant's alpha and
     # measure the perplexity before and after training
     heldout = recipe["training"]["heldout"]

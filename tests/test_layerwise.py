@@ -129,6 +129,23 @@ def test_command_line_goes_layer_by_layer(folder, tmp_path, data_dir, capsys):
     assert code == 2 and "train on a GPU" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
+def test_layerwise_cannot_sample_text_from_the_model(folder, tmp_path, data_dir, capsys):
+    """Layer by layer there is no whole float model: the default mix falls back to WikiText-2 (and
+    says so); a spec with self-generated text is refused before the model loads."""
+    from runtime.sources import DEFAULT_CALIBRATION_SPEC, DEFAULT_SPEC
+    from sasq_edge.errors import ConfigError
+    from sasq_edge.layerwise import layerwise_data
+
+    assert layerwise_data(DEFAULT_CALIBRATION_SPEC) == DEFAULT_SPEC
+    assert "no whole model to sample text from" in capsys.readouterr().err
+    assert layerwise_data("wikitext2") == "wikitext2" and layerwise_data(None) is None
+    with pytest.raises(ConfigError, match="self: samples text from the whole float model"):
+        layerwise_data("0.5*wikitext2,0.5*self:8")
+    code = export_main([str(tmp_path / "out" / "model.onnx"), "--model", str(folder), "--layerwise", "--train-steps", "0",
+                        "--seq-len", "64", "--data", "self:4", "--data-dir", str(data_dir)])
+    assert code == 2 and "self: samples text" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_layerwise_needs_a_local_safetensors_folder(tmp_path):
     from sasq_edge.errors import ModelLoadError
 

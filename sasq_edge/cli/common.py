@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.errors import SasqError
+from runtime.sources import DEFAULT_CALIBRATION_SPEC
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
@@ -116,9 +117,12 @@ adds a BOS token (Llama-2/3, Gemma), every window starts with it and predicts --
 
 def add_data_args(p: argparse.ArgumentParser, role: str = "evaluation") -> None:
     """``--data`` (read as ``role`` text: ``evaluation`` or ``calibration``), ``--data-dir``, ``--seq-len``."""
-    what = ("calibration and training text (default wikitext2: its validation split)" if role == "calibration"
-            else "evaluation text (default wikitext2: its raw test split)")
-    p.add_argument("--data", default="wikitext2", metavar="SPEC", help=f"{what}; see 'data' below")
+    if role == "calibration":
+        default = DEFAULT_CALIBRATION_SPEC
+        what = f"calibration and training text (default {default}: half WikiText-2 validation, half text sampled from the float model)"
+    else:
+        default, what = "wikitext2", "evaluation text (default wikitext2: its raw test split)"
+    p.add_argument("--data", default=default, metavar="SPEC", help=f"{what}; see 'data' below")
     p.add_argument("--data-dir", help="folder with wiki.test.raw and wiki.valid.tokens (default: $SASQ_DATA_DIR, else the hub)")
     if role == "calibration":
         p.add_argument("--seq-len", type=int_at_least(2), default=None,
