@@ -10,7 +10,8 @@ Per row and round, in a fresh process: prefill of 512 tokens (median of 3), deco
 context 512 and at 2048 (median of 16 steps after a prefill of that length), peak RSS. Rounds go
 round-robin over the rows (``--rounds``); the table shows the median over rounds, the JSON keeps
 every round. Perplexity (WikiText-2 raw test, first 16 windows of 512 tokens, our token windows
-for every row: llama.cpp through llama-cpp-python's logits) is measured once per row. Ratios are
+for every row; llama.cpp through llama-cpp-python's logits, or else its own llama-perplexity on the
+same text, strided to 16 windows of 512 every 511 tokens) is measured once per row. Ratios are
 within this run only: the machine is shared.
 
 The side environments are given as paths, built from their registries, never committed:
@@ -19,6 +20,7 @@ The side environments are given as paths, built from their registries, never com
     --genai-int8 DIR --genai-int4 DIR           (python -m onnxruntime_genai.models.builder -p int8|int4 -e cpu)
     --llama-bench /path/llama-bench --gguf-q8 F --gguf-q4 F   (a llama.cpp build; convert_hf_to_gguf + llama-quantize)
     --llama-python /tmp/llamacpp-venv/bin/python (pip install llama-cpp-python), for llama.cpp's perplexity
+    --llama-perplexity /path/llama-perplexity   (the same build), the other way to it
 
     python bench/speed_smollm2.py --ours out/smollm2/model.onnx --ours-int8-head out/smollm2-head/model.onnx \\
         --traced out/smollm2-traced/model.onnx --float out/smollm2-float/model.onnx ...
@@ -166,6 +168,27 @@ def ppl_ort(path: str, windows: np.ndarray, threads: int) -> float:
     return perplexity(open_session(path, ["cpu"], threads), windows).ppl
 
 
+def ppl_llama_cli(binary: str, gguf: str, data_dir: str, threads: int) -> float:
+    """llama.cpp's own ``llama-perplexity`` in its strided mode on the same WikiText-2 test text:
+    ``-c 257 -b 257 --ppl-stride 511`` gives windows of 512 tokens starting every 511 tokens, each
+    predicting its last 511 (the first 16): our 16 x 512 protocol up to one token of overlap
+    between neighbouring windows. Its tokens are llama.cpp's tokenization of the text."""
+    import re
+    import tempfile
+
+    from runtime.data import load_text
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as f:
+        f.write(load_text("test", data_dir))
+        f.flush()
+        done = subprocess.run([binary, "-m", gguf, "-f", f.name, "-c", "257", "-b", "257", "--ppl-stride", "511", "--chunks", "16",
+                               "-t", str(threads)], capture_output=True, text=True, timeout=1800)
+    found = re.findall(r"\[16\]([0-9.]+),", done.stdout + done.stderr)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"{binary} failed ({done.returncode}): {(done.stdout + done.stderr)[-1500:]}")
+    return float(found[-1])
+
+
 def ppl_llama(python: str, gguf: str, windows: np.ndarray, threads: int) -> float:
     return _last_json(_run([python, "-c", _LLAMA_PPL, gguf, json.dumps(windows.tolist()), str(threads)]))["ppl"]
 
@@ -192,6 +215,8 @@ def main() -> None:
     p.add_argument("--genai-int4")
     p.add_argument("--llama-bench")
     p.add_argument("--llama-python")
+    p.add_argument("--llama-perplexity", help="llama.cpp's llama-perplexity binary: the llama.cpp rows' perplexity "
+                                              "(strided, see ppl_llama_cli) when --llama-python is not given")
     p.add_argument("--gguf-q8")
     p.add_argument("--gguf-q4")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "assets" / "wikitext2"))
@@ -239,7 +264,9 @@ def main() -> None:
             if gguf:
                 add(name, f"llama.cpp {name.split('-')[1]} (llama-bench, flash attention)",
                     lambda gguf=gguf: measure_llama(args.llama_bench, gguf, t),
-                    (lambda gguf=gguf: ppl_llama(args.llama_python, gguf, windows, t)) if args.llama_python else None, gguf)
+                    (lambda gguf=gguf: ppl_llama(args.llama_python, gguf, windows, t)) if args.llama_python else
+                    (lambda gguf=gguf: ppl_llama_cli(args.llama_perplexity, gguf, args.data_dir, t)) if args.llama_perplexity
+                    else None, gguf)
 
     if args.rounds_from:  # the timing rounds a run printed before it stopped (its PPL stage failed)
         for line in Path(args.rounds_from).read_text().splitlines():

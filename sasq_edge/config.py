@@ -130,6 +130,6 @@ _LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, l
 # The presets' text when a command gets no --data: runtime.sources.DEFAULT_CALIBRATION_SPEC.
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": {**_LEARNED, "seq_len": 512, "train_steps": 20},
-    "default": {**_LEARNED, "seq_len": 512, "train_steps": 50},
+    "default": {**_LEARNED, "seq_len": 512, "train_steps": 100},
     "best": {**_LEARNED, "seq_len": 2048, "train_steps": 200},
 }

@@ -13,6 +13,15 @@ import torch
 from sasq_edge.config import QuantConfig
 from sasq_edge.models import LoadedModel, tiny_random_llama
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_home(tmp_path_factory):
+    """``$XDG_CACHE_HOME`` in a session folder: text the commands' default data samples from a
+    model (``self:32``) and their error logs never land in the user's ``~/.cache``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 SHARED_WIKITEXT = SHARED_ASSETS / "wikitext2"
 SMOLLM2_DIR = Path(os.environ.get("SASQ_SMOLLM2_DIR", Path.home() / ".cache" / "sasq-assets" / "smollm2-135m-instruct"))
