@@ -13,6 +13,7 @@ import torch
 from sasq_edge.config import QuantConfig
 from sasq_edge.models import LoadedModel, tiny_random_llama
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache_home(tmp_path_factory):
     """``$XDG_CACHE_HOME`` in a session folder: text the commands' default data samples from a
