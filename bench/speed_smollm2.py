@@ -225,6 +225,8 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "speed_smollm2"))
     p.add_argument("--rounds-from", help="take the timing rounds from the log of an earlier run (printed lines "
                                         "'round N row: {...}'), measure only the perplexities")
+    p.add_argument("--ppl-from", help="take each row's perplexity from the JSON of an earlier run where it has one "
+                                     "(same exports), measure only the others")
     p.add_argument("--report", action="store_true", help="rewrite the table from the JSON the last run wrote")
     args = p.parse_args()
     if args.report:
@@ -267,6 +269,9 @@ def main() -> None:
                     (lambda gguf=gguf: ppl_llama(args.llama_python, gguf, windows, t)) if args.llama_python else
                     (lambda gguf=gguf: ppl_llama_cli(args.llama_perplexity, gguf, args.data_dir, t)) if args.llama_perplexity
                     else None, gguf)
+                rows[name]["ppl_method"] = ("llama-cpp-python logits, our windows" if args.llama_python else
+                                            "llama-perplexity --ppl-stride 511: 16 windows of 512 every 511 tokens, "
+                                            "llama.cpp's tokenization" if args.llama_perplexity else None)
 
     if args.rounds_from:  # the timing rounds a run printed before it stopped (its PPL stage failed)
         for line in Path(args.rounds_from).read_text().splitlines():
@@ -279,8 +284,12 @@ def main() -> None:
         for name, row in rows.items():
             row["rounds"].append(row["measure"]())
             print(f"round {r + 1} {name}: {json.dumps(row['rounds'][-1])}", flush=True)
+    earlier = json.loads(Path(args.ppl_from).read_text())["rows"] if args.ppl_from else {}
     for name, row in rows.items():
-        row["ppl_16x512"] = row["ppl"]() if row["ppl"] else None
+        if earlier.get(name, {}).get("ppl_16x512") is not None:
+            row["ppl_16x512"] = earlier[name]["ppl_16x512"]
+        else:
+            row["ppl_16x512"] = row["ppl"]() if row["ppl"] else None
         for key in ("prefill_512_ms", "decode_512_ms", "decode_2048_ms", "peak_rss_mb"):
             row[key] = float(np.median([x[key] for x in row["rounds"]]))
         del row["measure"], row["ppl"]
@@ -312,6 +321,9 @@ def report(args, rows: dict[str, dict]) -> None:
         lines.append(f"| {row['label']} | {row['prefill_512_ms']:.0f} | {fp32['prefill_512_ms'] / row['prefill_512_ms']:.2f} | "
                      f"{1000 / row['decode_512_ms']:.1f} | {d2048} | {row['size_mb']:.1f} | "
                      f"{row['peak_rss_mb']:.0f} | {ppl} |")
+    methods = {row["ppl_method"] for row in rows.values() if row.get("ppl_method") and row["ppl_16x512"]}
+    if methods:
+        lines += ["", *(f"llama.cpp rows' perplexity: {m}." for m in sorted(methods))]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
