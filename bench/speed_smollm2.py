@@ -264,14 +264,17 @@ def main() -> None:
     if args.llama_bench:
         for name, gguf in (("llama.cpp-Q8_0", args.gguf_q8), ("llama.cpp-Q4_0", args.gguf_q4)):
             if gguf:
+                if args.llama_python:
+                    ppl, method = (lambda gguf=gguf: ppl_llama(args.llama_python, gguf, windows, t)), \
+                        "llama-cpp-python logits, our windows"
+                elif args.llama_perplexity:
+                    ppl, method = (lambda gguf=gguf: ppl_llama_cli(args.llama_perplexity, gguf, args.data_dir, t)), \
+                        "llama-perplexity --ppl-stride 511: 16 windows of 512 every 511 tokens, llama.cpp's tokenization"
+                else:
+                    ppl, method = None, None
                 add(name, f"llama.cpp {name.split('-')[1]} (llama-bench, flash attention)",
-                    lambda gguf=gguf: measure_llama(args.llama_bench, gguf, t),
-                    (lambda gguf=gguf: ppl_llama(args.llama_python, gguf, windows, t)) if args.llama_python else
-                    (lambda gguf=gguf: ppl_llama_cli(args.llama_perplexity, gguf, args.data_dir, t)) if args.llama_perplexity
-                    else None, gguf)
-                rows[name]["ppl_method"] = ("llama-cpp-python logits, our windows" if args.llama_python else
-                                            "llama-perplexity --ppl-stride 511: 16 windows of 512 every 511 tokens, "
-                                            "llama.cpp's tokenization" if args.llama_perplexity else None)
+                    lambda gguf=gguf: measure_llama(args.llama_bench, gguf, t), ppl, gguf)
+                rows[name]["ppl_method"] = method
 
     if args.rounds_from:  # the timing rounds a run printed before it stopped (its PPL stage failed)
         for line in Path(args.rounds_from).read_text().splitlines():

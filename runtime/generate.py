@@ -98,14 +98,11 @@ def stream(
     rng = np.random.default_rng(sampling.seed)
     cached = sess.cache is not None
 
-    if cached:  # room for the prompt and every new token: the fused graph then updates its cache in place
-        capacity = len(ids) + sampling.max_new_tokens
-        decoder = sess.decoder(1, capacity if max_positions is None else min(capacity, max_positions))
+    # room for the prompt and every new token: the fused graph then updates its cache in place
+    capacity = len(ids) + sampling.max_new_tokens
+    decoder = sess.decoder(1, capacity if max_positions is None else min(capacity, max_positions)) if cached else None
     t = time.perf_counter()
-    if cached:
-        logits = decoder.step(np.array([ids]))
-    else:
-        logits = sess.logits(np.array([ids]))
+    logits = decoder.step(np.array([ids])) if cached else sess.logits(np.array([ids]))
     stats.prefill_s = time.perf_counter() - t
     stats.stopped = "max_new_tokens"
     while True:
