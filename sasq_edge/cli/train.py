@@ -64,6 +64,9 @@ def _train(argv: list[str] | None) -> int:
             state, report = result.state, result.report
             if group.is_main:
                 state.save(args.run_dir)
+        # every rank leaves together, after rank 0 saved: CI once saw rank 0 abort (std::terminate) between
+        # training and teardown while rank 1 had already gone on to destroy its gloo connections
+        group.barrier()
     finally:
         shutdown(group)
     if not group.is_main:
