@@ -93,7 +93,7 @@ def torch_select(model, select: dict[str, np.ndarray]) -> dict[str, float]:
 # --- curve ---------------------------------------------------------------------------------------
 
 # cheapest first: each point appends to curve.json, so a run cut short keeps the points it finished
-CURVE = [(512, 50), (512, 100), (1024, 50), (512, 200), (1024, 100), (256, 200), (2048, 50)]
+CURVE = [(512, 50), (512, 100), (1024, 50), (256, 200), (512, 200), (1024, 100), (2048, 50)]
 
 
 def curve_stage(args) -> None:
