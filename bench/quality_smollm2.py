@@ -8,7 +8,7 @@ writes ``bench/results/quality_smollm2.{json,md}`` and a plot):
     python bench/quality_smollm2.py variants  # the table's SASQ rows: the default recipe at 512 x 50, objective and data varied
     python bench/quality_smollm2.py default   # the plain `sasq-export` a user types, timed end to end
     python bench/quality_smollm2.py eval      # every row on WikiText-2 test (full protocol) + 3 other domains
-    python bench/quality_smollm2.py report
+    python bench/quality_smollm2.py report    # the same --seq-len/--windows as eval (committed: 512, 16)
 
 Selection never sees evaluation text: the held-out sets are the last 4 x 2048 tokens of the
 WikiText-2 *validation* text (removed from the training text) and 2 x 2048-token windows of the
@@ -321,7 +321,12 @@ DOMAIN_NAMES = {"wiki": "WikiText-2 test (148 x 2048)", "code": "code (32 x 2048
 
 def report_stage(args) -> None:
     curve, variants, default = (_load(OUT / f) for f in ("curve.json", "variants.json", "default.json"))
-    ev = _load(eval_path(args.seq_len, args.windows))
+    path = eval_path(args.seq_len, args.windows)
+    if not path.is_file():  # a report of blanks would overwrite the committed table
+        raise SystemExit(f"no evaluation at {args.windows or 'all'} x {args.seq_len} ({path.name} is missing): "
+                         "run `eval` with the same --seq-len/--windows first, or pass the ones it used "
+                         "(the committed table: --seq-len 512 --windows 16)")
+    ev = _load(path)
     if (args.seq_len, args.windows) != (2048, None):  # the shorter protocol: the first N windows of each domain
         for d in DOMAIN_NAMES:
             DOMAIN_NAMES[d] = f"{d} ({args.windows} x {args.seq_len})"
