@@ -56,8 +56,13 @@ def measure(export: Path | None, windows_n: int, seq_len: int, seeds: int) -> di
     """The twin against itself nudged by one ulp (``seeds`` draws of the signs), and against ONNX
     Runtime (skipped for the float model, ``export=None``), on the same windows."""
     lm = load_model(MODEL)
+    recipe = None
     if export is not None:
-        apply_state(lm.model, ScaleState.load(export))
+        state = ScaleState.load(export)
+        apply_state(lm.model, state)
+        m = state.method
+        recipe = (f"{m['objective']} on {state.training['data']['spec']}, {m['seq_len']} x {m['train_steps']}, profile "
+                  f"{state.profile}, {'INT8' if m['lm_head'] else 'float'} head")
     windows = load_windows(lm, "wikitext2", seq_len, EVALUATION, data_dir=DATA, max_windows=windows_n).windows
     base = list(iter_logits(lm.model, windows, desc="twin"))
     nudged = []
@@ -67,8 +72,8 @@ def measure(export: Path | None, windows_n: int, seq_len: int, seeds: int) -> di
             nudged.append(_stats(compare(windows, base, iter_logits(lm.model, windows, desc=f"twin, one ulp, seed {seed}"))))
         finally:
             handle.remove()
-    row = {"export": None if export is None else str(export), "windows": len(windows), "seq_len": seq_len,
-           "one_ulp": nudged}
+    row = {"export": None if export is None else str(export), "recipe": recipe, "windows": len(windows),
+           "seq_len": seq_len, "one_ulp": nudged}
     if export is not None:
         sess = open_session(export / "model.onnx", ["cpu"], 2)
         row["onnx"] = _stats(compare(windows, base, onnx_logits(sess, windows)))
@@ -104,6 +109,7 @@ def main() -> None:
     result = {"machine": machine(), "model": str(MODEL), "data": "wikitext2 test", "rows": rows}
     md = (f"# The float-noise floor of parity: one ulp against ONNX Runtime ({args.windows} x {args.seq_len}, "
           "WikiText-2 test)\n\n`python bench/parity_floor.py " + " ".join(e.name for e in args.exports) + "`\n\n"
+          + "\n".join(f"- `{Path(r['export']).name}`: {r['recipe']}" for r in rows if r["export"]) + "\n\n"
           + _table(rows) + "\n")
     _write(HERE / "results" / "parity_floor.json", result)
     (HERE / "results" / "parity_floor.md").write_text(md)
