@@ -103,6 +103,7 @@ def measure(name: str, work: Path, seq_len: int, data: Path) -> dict:
     folder = work / f"llama-{name}"
     t0 = time.perf_counter()
     make_checkpoint(name, folder)
+    checkpoint_s = time.perf_counter() - t0
     ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     out = work / f"out-{name}" / "model.onnx"
     steps = TRAIN_STEPS[name]
@@ -110,7 +111,7 @@ def measure(name: str, work: Path, seq_len: int, data: Path) -> dict:
                      str(seq_len), "--calib-batches", "1", "--train-steps", str(steps), "--smooth-alpha", "0.5",
                      "--no-smooth-learn", "--json"])
     row = {"shape": name, "parameters": None, "checkpoint_gb": round(ckpt_bytes / 1e9, 2), "train_steps": steps,
-           "make_checkpoint_s": round(time.perf_counter() - t0, 1), "export": export}
+           "make_checkpoint_s": round(checkpoint_s, 1), "export": export}
     if export["rc"] == 0:
         files = list(out.parent.iterdir())
         row["onnx_gb"] = round(sum(f.stat().st_size for f in files if f.name.startswith("model.onnx")) / 1e9, 2)
