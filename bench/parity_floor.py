@@ -7,7 +7,8 @@ on. The float model under the same perturbation is the contrast.
 
     python bench/parity_floor.py EXPORT_DIR [EXPORT_DIR ...] [--windows 16] [--seq-len 512]
 
-Writes bench/results/parity_floor.{json,md}.
+Writes bench/results/parity_floor.{json,md}; each comparison is runtime.parity's report, its
+``ppl_torch`` the twin and its ``ppl_onnx`` the other side (the nudged twin or ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -45,13 +46,6 @@ def ulp_nudge(model: torch.nn.Module, seed: int) -> torch.utils.hooks.RemovableH
     return model.get_input_embeddings().register_forward_hook(hook)
 
 
-def _stats(acc) -> dict:
-    rep = acc.report()
-    return {"ppl_a": rep.ppl_torch, "ppl_b": rep.ppl_onnx, "ppl_ratio_error": abs(rep.ppl_ratio - 1),
-            "kl_mean": rep.kl_mean, "kl_p99": rep.kl_p99, "top1_agreement": rep.top1_agreement,
-            "top1_confident": rep.top1_confident}
-
-
 def measure(export: Path | None, windows_n: int, seq_len: int, seeds: int) -> dict:
     """The twin against itself nudged by one ulp (``seeds`` draws of the signs), and against ONNX
     Runtime (skipped for the float model, ``export=None``), on the same windows."""
@@ -69,19 +63,19 @@ def measure(export: Path | None, windows_n: int, seq_len: int, seeds: int) -> di
     for seed in range(seeds):
         handle = ulp_nudge(lm.model, seed)
         try:
-            nudged.append(_stats(compare(windows, base, iter_logits(lm.model, windows, desc=f"twin, one ulp, seed {seed}"))))
+            nudged.append(compare(windows, base, iter_logits(lm.model, windows, desc=f"twin, one ulp, seed {seed}")).report().to_dict())
         finally:
             handle.remove()
     row = {"export": None if export is None else str(export), "recipe": recipe, "windows": len(windows),
            "seq_len": seq_len, "one_ulp": nudged}
     if export is not None:
         sess = open_session(export / "model.onnx", ["cpu"], 2)
-        row["onnx"] = _stats(compare(windows, base, onnx_logits(sess, windows)))
+        row["onnx"] = compare(windows, base, onnx_logits(sess, windows)).report().to_dict()
     return row
 
 
 def _line(name: str, label: str, s: dict) -> str:
-    return (f"| {name} | {label} | {100 * s['ppl_ratio_error']:.3f} % | {s['kl_mean']:.2e} | {s['kl_p99']:.2e} | "
+    return (f"| {name} | {label} | {100 * s['rel_diff']:.3f} % | {s['kl_mean']:.2e} | {s['kl_p99']:.2e} | "
             f"{s['top1_agreement']:.4f} | {s['top1_confident']:.4f} |")
 
 
