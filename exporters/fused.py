@@ -38,6 +38,7 @@ from torch import nn
 from runtime.graph import cache_names, weight_name, weight_scale_name
 from runtime.grids import EMBEDDING_GRID, encode_weight
 from runtime.layout import AttentionLayout
+from runtime.rotation import hadamard, rotate_weight
 from runtime.state import ScaleState, weights_digest
 
 OPSET = 21
@@ -123,6 +124,10 @@ class _Graph:
         self.inits.append(t if t is not None else numpy_helper.from_array(array, name))
         return name
 
+    def shared(self, name: str, array: np.ndarray) -> str:
+        """A constant every layer reads under one ``name`` (made on first use)."""
+        return name if name in self._names else self.init(name, array)
+
     def scalar(self, value, dtype) -> str:
         """A shared scalar constant (scales, zero points, small shapes)."""
         key = (np.dtype(dtype).str, np.asarray(value, dtype=dtype).tobytes())
@@ -195,6 +200,7 @@ class FusedBuilder:
         self.g = _Graph(external)
         self.digest_items: list[tuple[str, np.ndarray, np.ndarray]] = []
         self._act: dict[tuple[str, float], str] = {}
+        self._rotated: dict[tuple[str, int], str] = {}
 
     # --- quantized pieces ------------------------------------------------------------------
 
@@ -217,7 +223,12 @@ class FusedBuilder:
         module = self.src.module(module_name)
         bias = getattr(module, "bias", None)
         if module_name in self.state.scales:
-            codes, scale = encode_weight(_f32(module.weight), self.deploy.weight)  # (N, K), (N,)
+            rotation = self.state.rotation.get(module_name, 1)
+            weight = _f32(module.weight)
+            if rotation > 1:  # the input rotated online in Hadamard blocks, the weight W R offline
+                weight = rotate_weight(weight, rotation)
+                x = self._rotate(x, weight.shape[1], rotation, name)
+            codes, scale = encode_weight(weight, self.deploy.weight)  # (N, K), (N,)
             self.digest_items.append((module_name, codes, scale))
             w = g.init(weight_name(module_name), codes.T.copy())  # (K, N)
             ws = g.init(weight_scale_name(module_name), scale)
@@ -235,6 +246,23 @@ class FusedBuilder:
         if bias is not None:
             y = g.one("Add", [y, g.init(f"{module_name}.bias", _f32(bias))], f"{name}/Add")
         return y
+
+    def _rotate(self, x: str, features: int, block: int, name: str) -> str:
+        """``x`` ``(B, T, K)`` times the block-diagonal Hadamard matrix: ``Reshape`` to
+        ``(B, T, K / b, b)``, ``MatMul`` by the constant ``H_b``, ``Reshape`` back; once per
+        (tensor, block), so the linears reading one norm output share it."""
+        key = (x, block)
+        if key not in self._rotated:
+            self._rotated[key] = self._rotation_nodes(x, features, block, name)
+        return self._rotated[key]
+
+    def _rotation_nodes(self, x: str, features: int, block: int, name: str) -> str:
+        g = self.g
+        split = g.shared(f"rotation_shape_{features}_{block}", np.array([0, 0, features // block, block], np.int64))
+        merged = g.shared(f"rotation_shape_{features}", np.array([0, 0, features], np.int64))
+        h = g.shared(f"hadamard_{block}", hadamard(block))
+        blocks = g.one("Reshape", [x, split], f"{name}/rotation/Reshape")
+        return g.one("Reshape", [g.one("MatMul", [blocks, h], f"{name}/rotation/MatMul"), merged], f"{name}/rotation/Reshape_1")
 
     # --- the graph ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from runtime.errors import SasqError
 from runtime.grids import EMBEDDING_GRID, IntGrid, encode_weight
+from runtime.rotation import hadamard, rotate_weight
 from runtime.state import ScaleState, weights_digest
 
 _TORCH_INT = {"int8": torch.int8, "uint8": torch.uint8}
@@ -32,8 +33,10 @@ class ExportError(SasqError):
     """The model cannot be exported as asked."""
 
 
-def _weight_codes(weight: torch.Tensor, grid: IntGrid) -> tuple[np.ndarray, np.ndarray]:
-    return encode_weight(weight.detach().to(device="cpu", dtype=torch.float32).numpy(), grid)
+def _weight_codes(weight: torch.Tensor, grid: IntGrid, rotation: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """INT8 codes and row scales of ``weight`` (of ``W R`` when the input is rotated in blocks of ``rotation``)."""
+    w = weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return encode_weight(rotate_weight(w, rotation) if rotation > 1 else w, grid)
 
 
 def _dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
@@ -45,11 +48,14 @@ def _dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, grid: IntGrid) ->
 class QDQLinear(nn.Module):
     """``y = DQ(Q(x)) @ DQ(W_int8)^T + b``: one constant per-tensor activation scale on the
     profile's activation grid (after ``Tanh(x / a) * a`` with soft truncation), per-output-channel
-    INT8 weight codes on its weight grid."""
+    INT8 weight codes on its weight grid. With ``rotation`` > 1, ``x`` is first rotated in
+    Hadamard blocks (``Reshape``, a float ``MatMul`` by the constant block, ``Reshape``) and the
+    codes are those of ``W R`` (``runtime.rotation``)."""
 
     def __init__(self, codes: np.ndarray, scale: np.ndarray, bias: torch.Tensor | None, act_scale: float,
-                 trunc: float | None, act: IntGrid, weight: IntGrid) -> None:
+                 trunc: float | None, act: IntGrid, weight: IntGrid, rotation: int = 1) -> None:
         super().__init__()
+        self.register_buffer("hadamard", torch.from_numpy(hadamard(rotation)) if rotation > 1 else None)
         self.register_buffer("weight_int", torch.from_numpy(codes))  # (N, K) int8
         self.register_buffer("weight_scale", torch.from_numpy(scale))  # (N,) float32
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -57,6 +63,9 @@ class QDQLinear(nn.Module):
         self.act, self.weight_grid = act, weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard is not None:
+            b = self.hadamard.shape[0]
+            x = (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ self.hadamard).reshape(x.shape)
         if self.trunc is not None:
             x = torch.tanh(x / self.trunc) * self.trunc
         g = self.act
@@ -123,10 +132,11 @@ def lowered(model: nn.Module, state: ScaleState) -> Iterator[str]:
     digest_items = []
     for name in sorted(state.scales):
         module = _linear_like(model, name)
-        codes, scale = _weight_codes(module.weight, deploy.weight)
+        rotation = state.rotation.get(name, 1)
+        codes, scale = _weight_codes(module.weight, deploy.weight, rotation)
         digest_items.append((name, codes, scale))
         lowering[name] = QDQLinear(codes, scale, getattr(module, "bias", None), state.scales[name],
-                                   state.truncation.get(name), deploy.act, deploy.weight)
+                                   state.truncation.get(name), deploy.act, deploy.weight, rotation)
     digest = weights_digest(digest_items)
     if state.weights is not None and digest != state.weights:
         raise ExportError("the model's weights do not give the INT8 weights the scales were trained with (weights digest "

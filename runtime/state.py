@@ -3,8 +3,9 @@
 A run folder holds ``scales.safetensors`` (one float32 scalar per quantized layer, keyed
 ``<module>.act_scale`` and, with soft truncation, ``<module>.act_trunc``; with smoothing, one
 float32 vector of per-channel factors per preceding op, keyed ``<op>.smooth``) and ``recipe.json``
-(format version, deploy profile, model fingerprint and source, the method's recipe, what the
-training did, and a digest of the INT8 weights the scales were trained with). Nothing is pickled.
+(format version, deploy profile, the Hadamard block of each layer whose input is rotated
+(``runtime.rotation``), model fingerprint and source, the method's recipe, what the training did,
+and a digest of the INT8 weights the scales were trained with). Nothing is pickled.
 
 The state says what the deployed graph computes; the method (``sasq_edge``) reads its ``method``
 recipe back into a ``QuantConfig``, and the exporter lowers a model with it.
@@ -29,13 +30,13 @@ from runtime.io import OutputFolder, atomic_path, atomic_write_text, checkpoint
 from runtime.profiles import DeployProfile, get_profile
 
 FORMAT = "sasq-scale-state"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: deploy.rotation; versions 1 and 2 (no rotation) still load
 SCALES_FILE = "scales.safetensors"
 RECIPE_FILE = "recipe.json"
 EMBEDDINGS = ("float", "int8")
 _SCALE, _TRUNC, _SMOOTH = ".act_scale", ".act_trunc", ".smooth"
 _KEYS = {"format", "version", "sasq_version", "deploy", "model", "modules", "smooth", "method", "training", "weights"}
-_DEPLOY_KEYS = {"profile", "embedding", "act", "weight"}
+_DEPLOY_KEYS = {"profile", "embedding", "act", "weight", "rotation"}
 _MODEL_KEYS = {"source", "fingerprint"}
 
 
@@ -69,6 +70,8 @@ class ScaleState:
     training: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # weights_digest of the INT8 weights; None in version-1 folders
     version: int = FORMAT_VERSION
+    # module -> Hadamard block of its online input rotation (runtime.rotation); absent: not rotated
+    rotation: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
@@ -90,6 +93,11 @@ class ScaleState:
                 raise StateError(f"smoothing factors of {name} must be a vector of positive finite values; retrain the scales")
             smooth[name] = t
         self.smooth = smooth
+        for name, b in self.rotation.items():
+            if name not in self.scales:
+                raise StateError(f"rotation names {name!r}, which the state does not quantize: the folder is damaged, retrain")
+            if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
+                raise StateError(f"Hadamard block {b!r} of {name} must be a power of two, at least 2: the folder is damaged, retrain")
         if self.embedding not in EMBEDDINGS:
             raise StateError(f"unknown embedding {self.embedding!r}: choose one of {', '.join(EMBEDDINGS)}")
         if self.method.get("profile", self.profile) != self.profile:
@@ -135,6 +143,7 @@ class ScaleState:
                 "embedding": self.embedding,
                 "act": dataclasses.asdict(deploy.act),
                 "weight": dataclasses.asdict(deploy.weight),
+                "rotation": dict(sorted(self.rotation.items())),
             },
             "model": {"source": self.model_source, "fingerprint": self.fingerprint},
             "modules": sorted(self.scales),
@@ -190,12 +199,12 @@ class ScaleState:
             raise StateError(f"{recipe_path} is not a sasq scale recipe: pass the folder written by sasq-train")
         if recipe.get("version") == 1:
             recipe = _upgrade_v1(recipe, recipe_path)
-        elif recipe.get("version") != FORMAT_VERSION:
+        elif recipe.get("version") not in (2, FORMAT_VERSION):
             from runtime.version import __version__
 
             raise StateError(
                 f"{recipe_path} has format version {recipe.get('version')}, this sasq-edge {__version__} reads "
-                f"versions 1 and {FORMAT_VERSION}: retrain the scales with this version"
+                f"versions 1 to {FORMAT_VERSION}: retrain the scales with this version"
             )
         _check_keys(recipe, _KEYS, recipe_path, "")
         try:
@@ -204,6 +213,9 @@ class ScaleState:
             _check_keys(model, _MODEL_KEYS, recipe_path, "model.")
             profile, fingerprint, source = deploy["profile"], model["fingerprint"], model["source"]
             embedding, method = deploy.get("embedding", "float"), recipe.get("method", {})
+            rotation = deploy.get("rotation") or {}
+            if not isinstance(rotation, dict):
+                raise TypeError("'deploy.rotation' (an object: module -> block)")
         except (KeyError, TypeError) as e:
             raise StateError(f"{recipe_path} lacks the field {e}: rewrite it with sasq-train") from None
         try:
@@ -220,7 +232,7 @@ class ScaleState:
         if sorted(scales) != sorted(recipe.get("modules", [])) or sorted(smooth) != sorted(recipe.get("smooth", [])):
             raise StateError(f"{scales_path} and {recipe_path} list different modules: the folder is damaged, retrain")
         state = cls(profile, scales, fingerprint, source, trunc, smooth, embedding, dict(method),
-                    dict(recipe.get("training") or {}), recipe.get("weights"), recipe["version"])
+                    dict(recipe.get("training") or {}), recipe.get("weights"), recipe["version"], dict(rotation))
         grids = {"act": dataclasses.asdict(state.deploy.act), "weight": dataclasses.asdict(state.deploy.weight)}
         for key, want in grids.items():
             if key in deploy and deploy[key] != want:

@@ -71,12 +71,19 @@ class ArchSpec:
     """``blocks``: attribute path to the decoder block list; ``targets``: default leaf names of
     the linear layers to quantize inside each block; ``smooth``: the smoothing groups of each
     block; ``norm_offset``: the blocks' RMSNorms multiply by ``norm_offset + weight`` (0 for
-    Llama's ``x * w``, 1 for Gemma's ``x * (1 + w)``), which decides how a factor folds into them."""
+    Llama's ``x * w``, 1 for Gemma's ``x * (1 + w)``), which decides how a factor folds into them;
+    ``rotated``: the linears (inside a block) whose input a ``rotate_block`` recipe rotates online
+    (runtime.rotation): the MLP's down projection, whose input carries the massive activations,
+    and the linears that read a norm's output (one rotation of that output serves all of them);
+    not the attention output projection, where rotating measured no gain
+    (bench/results/rotation_smollm2.md)."""
 
     blocks: str
     targets: tuple[str, ...]
     smooth: tuple[SmoothGroup, ...] = ()
     norm_offset: float = 0.0
+    rotated: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
+                                "mlp.down_proj")
 
 
 _LLAMA = ArchSpec(blocks="model.layers", targets=LLAMA_LINEARS, smooth=LLAMA_SMOOTH)
@@ -90,7 +97,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "smollm3": _LLAMA,  # some layers without rotary embedding (NoPE): no module differs
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
-    "phi3": ArchSpec(blocks="model.layers", targets=FUSED_LINEARS, smooth=FUSED_SMOOTH),
+    "phi3": ArchSpec(blocks="model.layers", targets=FUSED_LINEARS, smooth=FUSED_SMOOTH,
+                     rotated=("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")),
 }
 
 HOW_TO_ADD = ("add an ArchSpec to sasq_edge/arch.py and a tiny seeded test to tests/test_families.py "

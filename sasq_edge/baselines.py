@@ -85,7 +85,8 @@ def build_method(model: nn.Module, method: str, config: QuantConfig, calib: np.n
             raise ConfigError(why)
         info["fp16_on"] = why
         return copy.deepcopy(model).half(), info
-    base = dataclasses.replace(config, train_steps=0, smooth_alpha=None, smooth_learn=False)
+    # the published methods as published: no smoothing unless the method is SmoothQuant, no rotation
+    base = dataclasses.replace(config, train_steps=0, smooth_alpha=None, smooth_learn=False, rotate_block=0)
     if method == "dynamic":
         info["config"] = base.to_dict()
         return quantize_dynamic(copy.deepcopy(model), base), info

@@ -64,7 +64,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantCo
     try:
         for name, m in targets.items():
             obs = observers[name]
-            handles.append(m.register_forward_pre_hook(lambda _m, args, obs=obs: obs.update(args[0])))
+            handles.append(m.register_forward_pre_hook(lambda m, args, obs=obs: obs.update(m.quantizer_input(args[0]))))
         with quant_mode(model, "float"):
             for ids in tqdm(list(batches), desc="calibrate", unit="batch"):
                 model(input_ids=ids.to(device))

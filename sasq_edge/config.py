@@ -51,6 +51,9 @@ class QuantConfig:
     smooth_learn: bool = False
     lr_schedule: str = "constant"
     objective: str = "ce"
+    # online block-Hadamard rotation of the MLP down projections' input (runtime.rotation): the
+    # largest power of two up to this block size that divides the layer's input width; 0 = off
+    rotate_block: int = 0
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -81,6 +84,9 @@ class QuantConfig:
         for name in ("calib_batches", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        rb = self.rotate_block
+        if isinstance(rb, bool) or not isinstance(rb, int) or rb < 0 or rb == 1 or rb & (rb - 1):
+            raise ConfigError(f"rotate_block={rb!r} must be 0 (no rotation) or a power of two such as 64")
         if self.train_steps < 0:
             raise ConfigError(f"train_steps={self.train_steps} must be 0 (calibration only) or more")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -126,7 +132,7 @@ class QuantConfig:
 # against cross-entropy, on WikiText-2 and three other domains); ``fast`` trades a little quality
 # for a few minutes; ``best`` is the longest run measured (a GPU's worth of steps).
 _LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, lr_schedule="cosine", lr=0.01,
-                objective="kd")
+                objective="kd", rotate_block=64)
 # The presets' text when a command gets no --data: runtime.sources.DEFAULT_CALIBRATION_SPEC.
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": {**_LEARNED, "seq_len": 512, "train_steps": 20},

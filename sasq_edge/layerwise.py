@@ -248,6 +248,7 @@ class _LayerwiseCalibration:
         self.trunc: dict[str, float] = {}
         self.factors: dict[str, torch.Tensor] = {}
         self.digest_items: list = []
+        self.rotation: dict[str, int] = {}
 
     def _windows(self, layer: nn.Module, hidden: torch.Tensor, args, kwargs) -> None:
         """Run the layer on every window, one window at a time (the in-memory path calibrates
@@ -265,8 +266,9 @@ class _LayerwiseCalibration:
         args = args[1:] if args else args
         if "hidden_states" in kwargs:
             kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        from runtime.rotation import block_for
         from sasq_edge.calibrate import make_observer
-        from sasq_edge.modules import QuantLinear, set_mode, target_names
+        from sasq_edge.modules import QuantLinear, rotated_names, set_mode, target_names
         from sasq_edge.smooth import fold_factors, smooth_groups, smoothquant_factors
 
         lm, config, model = self.lm, self.config, self.lm.model
@@ -292,13 +294,18 @@ class _LayerwiseCalibration:
             self.factors.update(factors)
         deploy = config.deploy
         names = [n for n in target_names(model, config) if n.startswith(piece + ".")]
+        rotated = rotated_names(model, config)
         observers, handles = {}, []
         for name in names:
             parent, _, leaf = name.rpartition(".")
-            q = QuantLinear(model.get_submodule(name), deploy.act, deploy.weight, config.truncation)
+            linear = model.get_submodule(name)
+            block = block_for(linear.in_features, config.rotate_block) if name in rotated else 1
+            q = QuantLinear(linear, deploy.act, deploy.weight, config.truncation, block)
+            if block > 1:
+                self.rotation[name] = block
             setattr(model.get_submodule(parent), leaf, q)
             obs = observers[name] = make_observer(config, deploy.act)
-            handles.append(q.register_forward_pre_hook(lambda _m, a, obs=obs: obs.update(a[0])))
+            handles.append(q.register_forward_pre_hook(lambda m, a, obs=obs: obs.update(m.quantizer_input(a[0]))))
             self.digest_items.append((name, q.weight_int.numpy().copy(), q.weight_scale.numpy().copy()))
         set_mode(layer, "float")
         try:
@@ -375,7 +382,7 @@ def calibrate_layerwise(lm: LayerwiseModel, config, windows: np.ndarray, model_s
                 "peak_pieces_loaded": lm.peak_loaded}
     factors = {k: v.numpy() for k, v in cal.factors.items()}
     return ScaleState(config.profile, cal.scales, model_fingerprint(model), model_source, cal.trunc, factors,
-                      config.embedding, config.to_dict(), training, weights_digest(cal.digest_items))
+                      config.embedding, config.to_dict(), training, weights_digest(cal.digest_items), rotation=cal.rotation)
 
 
 LAYERWISE_ABOVE = 2 * 2**30  # float32 bytes above which a run that trains nothing reads layer by layer

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.grids import EMBEDDING_GRID, IntGrid, encode_weight
+from runtime.rotation import block_for, hadamard, rotate_weight
 from sasq_edge.arch import arch_spec
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
@@ -28,10 +29,18 @@ Mode = Literal["float", "fake"]
 MODES = ("float", "fake")
 
 
-def _encode(weight: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """``runtime.grids.encode_weight`` on a torch weight: the codes the exporter writes, on the weight's device."""
-    codes, scale = encode_weight(weight.detach().to(device="cpu", dtype=torch.float32).numpy(), grid)
+def _encode(weight: torch.Tensor, grid: IntGrid, rotation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``runtime.grids.encode_weight`` on a torch weight (``runtime.rotation.rotate_weight`` first
+    when ``rotation`` > 1): the codes the exporter writes, on the weight's device."""
+    w = weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+    codes, scale = encode_weight(rotate_weight(w, rotation) if rotation > 1 else w, grid)
     return torch.from_numpy(codes).to(weight.device), torch.from_numpy(scale).to(weight.device)
+
+
+def _rotate(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Each ``b`` consecutive entries of the last axis times the Hadamard block ``h`` ``(b, b)``."""
+    b = h.shape[0]
+    return (t.reshape(*t.shape[:-1], t.shape[-1] // b, b) @ h.to(t.dtype)).reshape(t.shape)
 
 
 class ActQuantizer(nn.Module):
@@ -111,9 +120,13 @@ class _CodesLinear(torch.autograd.Function):
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` with a quantized input and a frozen per-output-channel INT8 weight."""
+    """``nn.Linear`` with a quantized input and a frozen per-output-channel INT8 weight.
 
-    def __init__(self, linear: nn.Linear, act_grid: IntGrid, weight_grid: IntGrid, truncation: str) -> None:
+    With ``rotation`` = b > 1 the quantized input is the block-Hadamard rotated ``R x`` and the
+    INT8 weight encodes ``W R`` (``runtime.rotation``); the float mode still computes ``W x``."""
+
+    def __init__(self, linear: nn.Linear, act_grid: IntGrid, weight_grid: IntGrid, truncation: str,
+                 rotation: int = 1) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects: nothing is copied
@@ -124,13 +137,17 @@ class QuantLinear(nn.Linear):
         # divided and the weight's columns multiplied by exp(log_smooth), expanded by smooth_index
         self.log_smooth: nn.Parameter | None = None
         self.smooth_index: torch.Tensor | None = None
+        if rotation > 1 and self.in_features % rotation:
+            raise ConfigError(f"{self.in_features} input channels do not split into Hadamard blocks of {rotation}")
+        self.rotation = rotation
+        self.register_buffer("hadamard", torch.from_numpy(hadamard(rotation)) if rotation > 1 else None)
         self.refresh_weight()
 
     @torch.no_grad()
     def refresh_weight(self) -> None:
         """(Re)compute the frozen INT8 weight from ``self.weight`` (after factors are folded or
         the weight trained): the codes the exporter writes for it."""
-        codes, scale = _encode(self.weight, self.weight_grid)
+        codes, scale = _encode(self.weight, self.weight_grid, self.rotation)
         self.register_buffer("weight_int", codes)  # (N, K) int8
         self.register_buffer("weight_scale", scale)  # (N,) float32
 
@@ -145,8 +162,21 @@ class QuantLinear(nn.Linear):
 
     @property
     def weight_dq(self) -> torch.Tensor:
-        """The dequantized weight ``codes * scale`` (N, K)."""
+        """The dequantized weight ``codes * scale`` (N, K) (of ``W R`` when the input is rotated)."""
         return self.weight_codes * self.weight_scale[:, None]
+
+    def quantizer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The float32 tensor the activation quantizer reads for the layer input ``x``: divided by
+        the learnable smoothing factors when attached, then rotated when the layer rotates (soft
+        truncation, when on, is the quantizer's own first step)."""
+        x = x.float()
+        if self.log_smooth is not None:
+            x = x / self._smooth_factors()
+        return x if self.hadamard is None else _rotate(x, self.hadamard)
+
+    def _smooth_factors(self) -> torch.Tensor:
+        r = self.log_smooth.exp()
+        return r if self.smooth_index is None else r[self.smooth_index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant.mode == "float":
@@ -159,16 +189,15 @@ class QuantLinear(nn.Linear):
         # so LSQ/STE gradients are unchanged. The quantizer works in float32 whatever the
         # weights' dtype (bf16 weights pass bf16 activations): the output goes back to it.
         dtype = x.dtype
-        x = x.float()
         weight = self.weight
         if self.log_smooth is not None:
-            r = self.log_smooth.exp()
-            r = r if self.smooth_index is None else r[self.smooth_index]
-            x, weight = x / r, weight.float() * r[None, :]
-        q, s = self.act_quant.codes(x)
+            weight = weight.float() * self._smooth_factors()[None, :]
+        q, s = self.act_quant.codes(self.quantizer_input(x))
         if self.log_smooth is not None or weight.requires_grad:
             # the weight moves (learned smoothing, or a weight-training reference): re-quantize it
             # every pass, straight through the rounding
+            if self.hadamard is not None:
+                weight = _rotate(weight.float(), self.hadamard)
             g = self.weight_grid
             ws = weight_scales_per_channel(weight, g)
             wq = torch.clamp(round_ste(weight.float() / ws[:, None]), g.qmin, g.qmax)
@@ -179,7 +208,8 @@ class QuantLinear(nn.Linear):
         return y.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, act={self.act_quant.grid}"
+        rot = f", rotation={self.rotation}" if self.rotation > 1 else ""
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, act={self.act_quant.grid}{rot}"
 
 
 class QuantEmbedding(nn.Embedding):
@@ -242,6 +272,17 @@ def target_names(model: nn.Module, config: QuantConfig) -> list[str]:
     return names
 
 
+def rotated_names(model: nn.Module, config: QuantConfig) -> set[str]:
+    """The target linears whose input ``config`` rotates (``rotate_block`` > 0): the
+    architecture's ``rotated`` linears inside each decoder block."""
+    if not config.rotate_block:
+        return set()
+    spec = arch_spec(model.config.model_type)
+    prefix = spec.blocks + "."
+    return {n for n in target_names(model, config)
+            if n.startswith(prefix) and n[len(prefix):].split(".", 1)[-1] in spec.rotated}
+
+
 def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Freeze every parameter and swap each target ``nn.Linear`` for a ``QuantLinear``, in place.
 
@@ -252,10 +293,13 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     deploy = config.deploy
+    rotated = rotated_names(model, config)
     for name in target_names(model, config):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation))
+        linear = getattr(parent, leaf)
+        block = block_for(linear.in_features, config.rotate_block) if name in rotated else 1
+        setattr(parent, leaf, QuantLinear(linear, deploy.act, deploy.weight, config.truncation, block))
     if config.embedding == "int8":
         emb = model.get_input_embeddings()
         if type(emb) is not nn.Embedding:

@@ -53,7 +53,12 @@ def state_from_model(model: nn.Module, config: QuantConfig, model_source: str, *
     if bool(factors) != (config.smooth_alpha is not None):
         raise ConfigError("smooth_alpha is set but no smoothing factors were given (or the other way round)")
     return ScaleState(config.profile, scales, model_fingerprint(model), model_source, trunc, factors, config.embedding,
-                      config.to_dict(), dict(training or {}), weights_of(model))
+                      config.to_dict(), dict(training or {}), weights_of(model), rotation=rotation_of(model))
+
+
+def rotation_of(model: nn.Module) -> dict[str, int]:
+    """Module -> Hadamard block of every quantized linear of a prepared model whose input is rotated."""
+    return {name: m.rotation for name, m in quant_linears(model) if m.rotation > 1}
 
 
 def apply_state(model: nn.Module, state: ScaleState) -> nn.Module:
@@ -90,6 +95,8 @@ def apply_state(model: nn.Module, state: ScaleState) -> nn.Module:
     if set(modules) != set(state.scales):
         diff = sorted(set(modules) ^ set(state.scales))
         raise StateError(f"scale state and model disagree on quantized modules (e.g. {diff[0]}): retrain the scales")
+    if rotation_of(model) != state.rotation:
+        raise StateError("the recipe's rotate_block and the stored rotations disagree: the folder is damaged, retrain the scales")
     for name, m in modules.items():
         m.act_quant.set_scale(state.scales[name], state.truncation.get(name))
     set_mode(model, "fake")

@@ -123,7 +123,7 @@ def teacher_forced(model: nn.Module, ids: np.ndarray, inputs: list[np.ndarray],
 
     def force(name: str, m: nn.Module):
         def hook(_module, args, output):
-            x = args[0]
+            x = m.quantizer_input(args[0])  # smoothed and rotated as the graph's QuantizeLinear reads it
             trunc = m.act_quant.trunc
             seen[name] = (x if trunc is None else soft_truncate(x, trunc))[0].float().cpu().numpy()
             y = tensor(linear_outputs[name]).to(output.dtype)

@@ -194,10 +194,10 @@ def test_scales_from_another_version(tmp_path, run_dir, capsys):
     bad = tmp_path / "run"
     shutil.copytree(run_dir, bad)
     recipe = json.loads((bad / "recipe.json").read_text())
-    recipe["version"] = 3
+    recipe["version"] = 4
     (bad / "recipe.json").write_text(json.dumps(recipe))
     code = export_main([str(tmp_path / "model.onnx"), *TINY, "--scales", str(bad)])
-    assert "format version 3" in _error(capsys, code)
+    assert "format version 4" in _error(capsys, code)
     assert not (tmp_path / "model.onnx").exists()
 
 

@@ -16,7 +16,8 @@ from sasq_edge.config import RECIPES, QuantConfig
 README = Path(__file__).resolve().parents[1] / "README.md"
 # README column -> QuantConfig field
 COLUMNS = {"initialiser": "calibration", "smoothing alpha": "smooth_alpha", "learned factors": "smooth_learn",
-           "schedule": "lr_schedule", "lr": "lr", "objective": "objective", "tokens x steps": None}
+           "schedule": "lr_schedule", "lr": "lr", "objective": "objective", "rotation block": "rotate_block",
+           "tokens x steps": None}
 
 
 def _table() -> dict[str, dict[str, str]]:

@@ -42,8 +42,11 @@ def _max_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 def test_two_processes_train_what_one_process_trains(tmp_path, data_dir):
     """torchrun starts 2 gloo processes with batch 1 each; one process with batch 2 draws the same
     windows: the trained scales (and learned smoothing factors) agree to float32 summation order,
-    and the run folder records the processes and the global batch."""
-    args = ["--model", "tiny-random-llama", "--data-dir", str(data_dir), *QUICK]
+    and the run folder records the processes and the global batch. Without the input rotation:
+    its float MatMul sums in another order for a batch of 1 than of 2, which moves codes near a
+    rounding tie and, through Adam, the scales by 1.4e-4 and the smoothing factors by 0.2 lr
+    (measured); a rotated layer computes nothing across processes."""
+    args = ["--model", "tiny-random-llama", "--data-dir", str(data_dir), *QUICK, "--rotate-block", "0"]
     one = tmp_path / "one"
     proc = subprocess.run([sys.executable, "-m", "sasq_edge.cli.train", str(one), *args, "--batch-size", "2", "--json"],
                           capture_output=True, text=True, env=_env(), timeout=600)

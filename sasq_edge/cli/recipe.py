@@ -43,6 +43,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective",
                    help=f"training loss: {' or '.join(OBJECTIVES)}; ce = next-token cross-entropy on the text, kd = "
                         f"distillation, the KL from the float model's next-token distribution (default {d.objective})")
+    p.add_argument("--rotate-block", type=int_at_least(0),
+                   help="rotate the input of each MLP down projection online in Hadamard blocks of this size (a power "
+                        "of two; the largest that divides the layer's width is used) so one static scale fits its "
+                        f"outliers; 0 = off (default {d.rotate_block})")
     p.add_argument("--device", default="cpu", help="torch device for calibration and training: cpu or cuda (default cpu)")
 
 
@@ -109,7 +113,8 @@ def smooth_alpha(value: str | None) -> float | str | None:
 # option -> QuantConfig field, for the options a preset can set
 _FIELDS = {"calibration": "calibration", "percentile": "percentile", "calib_batches": "calib_batches",
            "truncation": "truncation", "train_steps": "train_steps", "lr": "lr", "batch_size": "batch_size",
-           "seed": "seed", "smooth_learn": "smooth_learn", "lr_schedule": "lr_schedule", "objective": "objective"}
+           "seed": "seed", "smooth_learn": "smooth_learn", "lr_schedule": "lr_schedule", "objective": "objective",
+           "rotate_block": "rotate_block"}
 
 
 def config(args: argparse.Namespace) -> QuantConfig:

@@ -75,6 +75,9 @@ def _train(argv: list[str] | None) -> int:
     what = f"{len(state.scales)} activation scales"
     if factors:
         what += f" and {factors} smoothing factors" if cfg.smooth_learn else f" ({factors} smoothing factors folded)"
+    if state.rotation:
+        blocks = sorted(set(state.rotation.values()))
+        what += f", {len(state.rotation)} inputs rotated (Hadamard blocks of {'/'.join(map(str, blocks))})"
     data, heldout = state.training["data"], state.training.get("heldout")
     on = f" on {group.world} processes (global batch {cfg.batch_size * group.world})" if group.world > 1 else ""
     summary = (f"trained {what} ({cfg.objective} objective, profile {state.profile}) in {report.steps} steps{on} "
@@ -87,7 +90,8 @@ def _train(argv: list[str] | None) -> int:
     emit(args, summary,
          {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **report.summary(),
           "objective": cfg.objective, "smoothing_factors": factors, "smooth_alpha": state.method.get("smooth_alpha"),
-          "data": data, "heldout": heldout, "processes": group.world, "global_batch": cfg.batch_size * group.world,
+          "rotated": len(state.rotation), "data": data, "heldout": heldout, "processes": group.world,
+          "global_batch": cfg.batch_size * group.world,
           "dtype": state.training["weights_dtype"], "gradient_checkpointing": args.gradient_checkpointing})
     return 0
 
