@@ -202,7 +202,11 @@ def default_stage(args) -> None:
 # --- eval: every row on ONNX Runtime (dynamic per-token: PyTorch), full protocol + other domains ---
 
 WORK = OUT.parent.parent / ".work" / "quality"
-ROWS = ["fp32", "dynamic", "smoothquant", "sasq-ce-best", *VARIANTS, "default"]
+# earlier defaults of the same command, each export kept beside the current one (made by an earlier
+# `default` stage) with its bench/main_job.py record: no rotation (rotate_block 0), then the down
+# projections' input rotated alone; everything else the same recipe
+EARLIER = {"default-norot": "norot", "default-down": "down"}
+ROWS = ["fp32", "dynamic", "smoothquant", "sasq-ce-best", *VARIANTS, *EARLIER, "default"]
 
 
 def eval_windows_all(tokenizer, seq_len: int = 2048, cap: int | None = None) -> dict[str, np.ndarray]:
@@ -269,6 +273,8 @@ def _row_model(name: str):
         return _export_state(name, ScaleState.load(HERE / "results" / "accuracy_smollm2" / "best_state").with_profile("cpu-vnni"))
     if name == "default":
         return OUT.parent.parent / ".work" / "quality_default" / "model.onnx"
+    if name in EARLIER:
+        return OUT.parent.parent / ".work" / f"quality_default_{EARLIER[name]}" / "model.onnx"
     return _export_state(name, ScaleState.load(OUT / "states" / name))
 
 
@@ -313,10 +319,20 @@ LABELS = {
     "sasq-kd-wiki": "SASQ, distillation on WikiText, 512 x 50",
     "sasq-kd-self": f"SASQ, distillation on self-generated text ({SELF}), 512 x 50",
     "sasq-kd-mix": f"SASQ, distillation on a mix (0.5 WikiText + 0.5 {SELF}), 512 x 50",
-    "default": "the default command: `sasq-export out/model.onnx --model M` (distillation on the mix, 512 x 100)",
+    "default-norot": "the default command before rotation (the same recipe, --rotate-block 0)",
+    "default-down": "the same with only the down projections' input rotated (blocks of 64)",
+    "default": "the default command: `sasq-export out/model.onnx --model M` (distillation on the mix, 512 x 100, "
+               "inputs of q/k/v, gate/up and down rotated in Hadamard blocks of 64)",
 }
 DOMAIN_NAMES = {"wiki": "WikiText-2 test (148 x 2048)", "code": "code (32 x 2048)", "docs": "docs (32 x 2048)",
                 "legal": "legal (25 x 2048)"}
+
+
+def _main_job(name: str) -> list[dict]:
+    """The rows of bench/main_job.py's run of the default command: the current one, or that of an
+    earlier default (kept as quality_smollm2/main_job_<norot|down>.json)."""
+    path = HERE / "results" / "main_job.json" if name == "default" else OUT / f"main_job_{EARLIER[name]}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def report_stage(args) -> None:
@@ -353,8 +369,7 @@ def report_stage(args) -> None:
             t = f"{variants['rows'][name]['run_sasq_s'] / 60:.1f} min"
         elif name == "default" and default:
             t = f"{default['wall_s'] / 60:.1f} min (whole command)"
-        elif name == "default" and (HERE / "results" / "main_job.json").is_file():  # bench/main_job.py ran it
-            job = json.loads((HERE / "results" / "main_job.json").read_text())["rows"]
+        elif name in ("default", *EARLIER) and (job := _main_job(name)):  # bench/main_job.py ran it
             wall = next(r["wall_s"] for r in job if r["command"].startswith("sasq-export") and "--scales" not in r["command"])
             t = f"{wall / 60:.1f} min (whole command, bench/main_job.py)"
         else:

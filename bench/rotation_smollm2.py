@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from domain_gap import ppl  # noqa: E402  (PyTorch perplexity of a few windows)
 from domains import text  # noqa: E402
 from quality_smollm2 import DATA, MODEL, OUT, machine  # noqa: E402
 
@@ -46,17 +47,6 @@ KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 ROTATIONS = ("none", "16", "64", "256", "512", "dense random orthogonal")
 GROUPS = {"q/k/v, gate/up, down_proj (the default)": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"),
           "every linear (o_proj too)": KINDS}
-
-
-@torch.no_grad()
-def ppl(model, windows: np.ndarray) -> float:
-    nll, n = 0.0, 0
-    for w in windows:
-        ids = torch.from_numpy(w)[None]
-        logits = model(input_ids=ids).logits[0, :-1].double()
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        n += ids.shape[1] - 1
-    return math.exp(nll / n)
 
 
 def mse_scale(x: torch.Tensor, qmin: int, qmax: int) -> float:

@@ -75,8 +75,8 @@ class ArchSpec:
     ``rotated``: the linears (inside a block) whose input a ``rotate_block`` recipe rotates online
     (runtime.rotation): the MLP's down projection, whose input carries the massive activations,
     and the linears that read a norm's output (one rotation of that output serves all of them);
-    not the attention output projection, where rotating measured no gain
-    (bench/results/rotation_smollm2.md)."""
+    not the attention output projection, where rotating measured no clear gain (it traded WikiText
+    for code, untrained: bench/results/rotation_smollm2.md)."""
 
     blocks: str
     targets: tuple[str, ...]

@@ -125,6 +125,15 @@ def _trained(profile: str, **over):
     return lm, cfg, state_from_model(lm.model, cfg, lm.source)
 
 
+def _matches_twin(lm, onnx_path) -> None:
+    """ONNX Runtime's logits against the PyTorch twin's on 2 x 48 tokens: float noise only."""
+    ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        twin = lm.model(input_ids=ids).logits.numpy()
+    out = open_session(onnx_path).logits(ids.numpy())
+    assert np.abs(out - twin).max() < 1e-3 and (out.argmax(-1) == twin.argmax(-1)).mean() > 0.99
+
+
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
     lm, cfg, state = _trained("cpu-vnni")
@@ -168,12 +177,7 @@ def test_fused_graph_adds_three_nodes_a_rotated_input_and_matches_the_twin(fused
     assert rot["MatMul"] - ref["MatMul"] == 6 and rot["Reshape"] - ref["Reshape"] == 12
     assert rot["QuantizeLinear"] == ref["QuantizeLinear"] == 14
     assert sum(1 for t in model.graph.initializer if t.name.startswith("hadamard_")) == 1  # one shared block
-    sess = open_session(res.onnx)
-    ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        twin = lm.model(input_ids=ids).logits.numpy()
-    out = sess.logits(ids.numpy())
-    assert np.abs(out - twin).max() < 1e-3 and (out.argmax(-1) == twin.argmax(-1)).mean() > 0.99
+    _matches_twin(lm, res.onnx)
 
 
 def test_traced_trt_graph_rotates_and_obeys_tensorrt_rules(tmp_path):
@@ -181,12 +185,7 @@ def test_traced_trt_graph_rotates_and_obeys_tensorrt_rules(tmp_path):
     res = export_onnx(lm.model, tmp_path / "model.onnx", state=state, tokenizer=lm.tokenizer, graph="traced")
     report = lint(res.onnx)
     assert report.passed, [str(v) for v in report.violations]
-    sess = open_session(res.onnx)
-    ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        twin = lm.model(input_ids=ids).logits.numpy()
-    out = sess.logits(ids.numpy())
-    assert np.abs(out - twin).max() < 1e-3 and (out.argmax(-1) == twin.argmax(-1)).mean() > 0.99
+    _matches_twin(lm, res.onnx)
 
 
 def test_a_version_2_folder_loads_unrotated(tmp_path):
