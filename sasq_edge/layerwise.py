@@ -266,9 +266,8 @@ class _LayerwiseCalibration:
         args = args[1:] if args else args
         if "hidden_states" in kwargs:
             kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        from runtime.rotation import block_for
         from sasq_edge.calibrate import make_observer
-        from sasq_edge.modules import QuantLinear, rotated_names, set_mode, target_names
+        from sasq_edge.modules import QuantLinear, rotation_blocks, set_mode, target_names
         from sasq_edge.smooth import fold_factors, smooth_groups, smoothquant_factors
 
         lm, config, model = self.lm, self.config, self.lm.model
@@ -294,13 +293,12 @@ class _LayerwiseCalibration:
             self.factors.update(factors)
         deploy = config.deploy
         names = [n for n in target_names(model, config) if n.startswith(piece + ".")]
-        rotated = rotated_names(model, config)
+        blocks = rotation_blocks(model, config)
         observers, handles = {}, []
         for name in names:
             parent, _, leaf = name.rpartition(".")
-            linear = model.get_submodule(name)
-            block = block_for(linear.in_features, config.rotate_block) if name in rotated else 1
-            q = QuantLinear(linear, deploy.act, deploy.weight, config.truncation, block)
+            block = blocks.get(name, 1)
+            q = QuantLinear(model.get_submodule(name), deploy.act, deploy.weight, config.truncation, block)
             if block > 1:
                 self.rotation[name] = block
             setattr(model.get_submodule(parent), leaf, q)

@@ -272,14 +272,15 @@ def target_names(model: nn.Module, config: QuantConfig) -> list[str]:
     return names
 
 
-def rotated_names(model: nn.Module, config: QuantConfig) -> set[str]:
-    """The target linears whose input ``config`` rotates (``rotate_block`` > 0): the
-    architecture's ``rotated`` linears inside each decoder block."""
+def rotation_blocks(model: nn.Module, config: QuantConfig) -> dict[str, int]:
+    """Target linear -> Hadamard block of its input rotation, for the architecture's ``rotated``
+    linears inside each decoder block when ``config.rotate_block`` > 0: the largest power of two up
+    to it that divides the layer's input width (1, no rotation, where none does)."""
     if not config.rotate_block:
-        return set()
+        return {}
     spec = arch_spec(model.config.model_type)
     prefix = spec.blocks + "."
-    return {n for n in target_names(model, config)
+    return {n: block_for(model.get_submodule(n).in_features, config.rotate_block) for n in target_names(model, config)
             if n.startswith(prefix) and n[len(prefix):].split(".", 1)[-1] in spec.rotated}
 
 
@@ -293,13 +294,12 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     deploy = config.deploy
-    rotated = rotated_names(model, config)
+    blocks = rotation_blocks(model, config)
     for name in target_names(model, config):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, leaf)
-        block = block_for(linear.in_features, config.rotate_block) if name in rotated else 1
-        setattr(parent, leaf, QuantLinear(linear, deploy.act, deploy.weight, config.truncation, block))
+        setattr(parent, leaf, QuantLinear(getattr(parent, leaf), deploy.act, deploy.weight, config.truncation,
+                                          blocks.get(name, 1)))
     if config.embedding == "int8":
         emb = model.get_input_embeddings()
         if type(emb) is not nn.Embedding:
