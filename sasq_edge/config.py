@@ -54,6 +54,12 @@ class QuantConfig:
     # online block-Hadamard rotation of the MLP down projections' input (runtime.rotation): the
     # largest power of two up to this block size that divides the layer's input width; 0 = off
     rotate_block: int = 0
+    # block-wise training (sasq_edge.blockwise): each decoder block's scales train against the float
+    # block's output on block_windows captured windows, block_steps steps each, one block in memory at
+    # a time; train_steps then are the steps of an end-to-end pass after it (where the model fits)
+    blockwise: bool = False
+    block_steps: int = 0
+    block_windows: int = 16
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -81,7 +87,11 @@ class QuantConfig:
             raise ConfigError("smooth_learn trains the smoothing factors SmoothQuant starts: set smooth_alpha too")
         if not (isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0):
             raise ConfigError(f"percentile={self.percentile} must lie in (50, 100]")
-        for name in ("calib_batches", "batch_size", "seq_len"):
+        if self.block_steps < 0:
+            raise ConfigError(f"block_steps={self.block_steps} must be 0 (block-wise calibration only) or more")
+        if self.block_steps and not self.blockwise:
+            raise ConfigError("block_steps trains block by block: set blockwise=True too (--blockwise)")
+        for name in ("calib_batches", "batch_size", "seq_len", "block_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         rb = self.rotate_block

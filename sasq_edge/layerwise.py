@@ -176,6 +176,15 @@ class LayerwiseModel:
     def tied(self) -> bool:
         return bool(self.config.tie_word_embeddings)
 
+    def stem(self) -> None:
+        """Make the model's own forward runnable around the blocks: the embedding and the final
+        norm read from the checkpoint, the rotary tables computed from the config."""
+        self.model.model.rotary_emb = self.rotary()
+        self.embedding()
+        norm = getattr(self.model.model, "norm", None)
+        if norm is not None:
+            self.load(next(n for n, m in self.model.named_modules() if m is norm))
+
     def rotary(self) -> nn.Module:
         rot = self.model.model.rotary_emb
         return type(rot)(config=self.config)  # its tables computed from the config, on the CPU
@@ -427,9 +436,12 @@ def layerwise_data(data: str | None) -> str | None:
 
 
 def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remote_code: bool = False,
-                  progress: bool = True) -> ScaleState:
-    """PTQ of the model in ``folder`` layer by layer, on the calibration windows of ``data``
-    (``layerwise_data``: no text sampled from the model)."""
+                  progress: bool = True, on_block=None) -> ScaleState:
+    """The model in ``folder`` one decoder layer at a time, on the calibration windows of ``data``
+    (``layerwise_data``: no text sampled from the model): the block-wise pass when
+    ``config.blockwise`` (its end-to-end steps need the whole model and are not run), else PTQ."""
+    import dataclasses
+
     from transformers import AutoTokenizer
 
     from runtime.data import sample_windows
@@ -437,14 +449,24 @@ def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remot
     from sasq_edge.models import LoadedModel
     from sasq_edge.pipeline import training_data
 
-    if config.train_steps:
-        raise ConfigError(f"{folder} does not fit in memory as a float32 model, and training its scales needs the whole "
-                          "model: train on a GPU (sasq-train --device cuda), or calibrate only (--train-steps 0), which "
-                          "runs layer by layer here")
+    if config.train_steps and not config.blockwise:
+        raise ConfigError(f"{folder} does not fit in memory as a float32 model, and training its scales end to end needs the "
+                          "whole model: train block by block (--blockwise, the default recipes), on a GPU "
+                          "(sasq-train --device cuda), or calibrate only (--train-steps 0)")
     data = layerwise_data(data)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     lw = LayerwiseModel(folder, trust_remote_code=trust_remote_code)
     lm = LoadedModel(lw.model, tokenizer, str(folder.resolve()))
-    windows = training_data(lm, config, data_dir, data, progress=progress).windows
-    return calibrate_layerwise(lw, config, sample_windows(windows, config.calib_batches, config.seed), lm.source,
+    got = training_data(lm, config, data_dir, data, progress=progress)
+    if config.blockwise:
+        from sasq_edge.blockwise import train_blockwise
+
+        windows = sample_windows(got.windows, config.block_windows, config.seed)
+        record = {"calib_windows": int(min(config.calib_batches, windows.shape[0])), "seq_len": int(windows.shape[1]),
+                  "layerwise": True, "text": got.text, "data": got.record, "objective": "blockwise", "steps": 0}
+        result = train_blockwise(lw, dataclasses.replace(config, train_steps=0), windows, lm.source, progress=progress,
+                                 on_block=on_block, training=record)
+        result.state.training["peak_pieces_loaded"] = lw.peak_loaded
+        return result.state
+    return calibrate_layerwise(lw, config, sample_windows(got.windows, config.calib_batches, config.seed), lm.source,
                                progress=progress)

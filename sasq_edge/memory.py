@@ -178,3 +178,42 @@ def check(est: MemoryEstimate, qconfig: QuantConfig, *, dtype: str, gradient_che
             raise ConfigError(f"calibration and training need about {many if count > 1 else ''}{need / GIB:.1f} GiB "
                               f"({est.summary()}), {where} has {free / GIB:.1f} GiB free: use {fix} "
                               "(--no-memory-check trains anyway)")
+
+
+@dataclass(frozen=True)
+class BlockwiseEstimate:
+    """The peak memory of the block-wise pass (``sasq_edge.blockwise``), bytes: one decoder
+    block's float32 weights and INT8 codes, the embedding while the block inputs are captured,
+    three ``(windows, T, hidden)`` float32 streams (float input, quantized input, float target)
+    plus the block's output, and the activations autograd keeps for one training step of one
+    block (``A`` per token, as in ``estimate``); with ``whole=True`` the whole model's weights
+    instead of one block's and a window's logits for the held-out perplexity."""
+
+    block: int
+    embedding: int
+    streams: int
+    activations: int
+    model: int
+    overhead: int = HOST_OVERHEAD
+
+    @property
+    def peak(self) -> int:
+        return self.overhead + self.model + self.streams + max(self.embedding, self.block + self.activations)
+
+    def summary(self) -> str:
+        parts = [("model" if self.model else "one block", self.model or self.block), ("streams", self.streams),
+                 ("activations", self.activations), ("embedding", self.embedding)]
+        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts) + f", overhead {self.overhead / GIB:.2f} GiB"
+
+
+def estimate_blockwise(config: Any, qconfig: QuantConfig, *, whole: bool) -> BlockwiseEstimate:
+    """``BlockwiseEstimate`` of a model of ``config`` (a transformers config) trained block by
+    block on ``qconfig.block_windows`` windows; ``whole``: the model is held in memory whole."""
+    s = Sizes.of(config, qconfig.lm_head)
+    per_layer = (s.params - s.vocab * s.hidden * (1 if _get(config, "tie_word_embeddings", False) else 2)) // max(s.layers, 1)
+    block = per_layer * 5  # float32 weights and their INT8 codes
+    tokens = qconfig.seq_len * qconfig.batch_size
+    per_token = (15 * s.hidden + 7.5 * s.intermediate + (12 * s.hidden + 2 * s.intermediate if qconfig.smooth_learn else 0)) * 4
+    streams = 4 * qconfig.block_windows * qconfig.seq_len * s.hidden * 4
+    model = s.params * 4 + s.quantized + qconfig.seq_len * s.vocab * 12 if whole else 0
+    return BlockwiseEstimate(block, 0 if whole else s.vocab * s.hidden * 4, streams, int(tokens * per_token), model)

@@ -284,6 +284,27 @@ def rotation_blocks(model: nn.Module, config: QuantConfig) -> dict[str, int]:
             if n.startswith(prefix) and n[len(prefix):].split(".", 1)[-1] in spec.rotated}
 
 
+def prepare_block(model: nn.Module, piece: str, config: QuantConfig) -> dict[str, nn.Linear]:
+    """Swap the target linears inside the decoder block ``piece`` (``model.layers.3``) for
+    ``QuantLinear``, in place, as ``prepare`` does for the whole model (the block-wise pass and
+    the layer-by-layer calibration prepare one block at a time). Returns name -> the original
+    ``nn.Linear`` (it shares its weight with the ``QuantLinear``)."""
+    deploy = config.deploy
+    blocks = rotation_blocks(model, config)
+    swapped = {}
+    for name in target_names(model, config):
+        if not name.startswith(piece + ".") or isinstance(model.get_submodule(name), QuantLinear):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, leaf)
+        for p in linear.parameters():
+            p.requires_grad_(False)
+        setattr(parent, leaf, QuantLinear(linear, deploy.act, deploy.weight, config.truncation, blocks.get(name, 1)))
+        swapped[name] = linear
+    return swapped
+
+
 def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Freeze every parameter and swap each target ``nn.Linear`` for a ``QuantLinear``, in place.
 

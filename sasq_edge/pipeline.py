@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from sasq_edge.modules import prepare, scale_parameters, set_mode
 from sasq_edge.smooth import attach_learnable, fold_factors, fold_learnable, smooth_model, snapshot
 from sasq_edge.state import state_from_model
 from sasq_edge.train import StepCallback, TrainReport, train_scales
+
+if TYPE_CHECKING:
+    from sasq_edge.blockwise import BlockCallback
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)  # SmoothQuant strengths tried by "auto"
 SELECT_WINDOWS = 4  # validation windows held out of training to pick alpha for "auto"
@@ -129,7 +133,7 @@ def _ppl(model: nn.Module, windows: np.ndarray) -> float:
 def run_sasq(
     lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None = None, *, data: str | DataSpec | None = None,
     progress: bool = True, windows: np.ndarray | None = None, on_step: StepCallback | None = None,
-    group: Group = SINGLE, gradient_checkpointing: bool = False,
+    group: Group = SINGLE, gradient_checkpointing: bool = False, on_block: BlockCallback | None = None,
 ) -> SasqResult:
     """Smooth (if ``config.smooth_alpha``; ``"auto"`` first picks alpha on the last
     ``SELECT_WINDOWS`` validation windows, held out of training) and prepare ``lm.model`` in
@@ -147,6 +151,12 @@ def run_sasq(
     step's windows, and all end with the same state. ``gradient_checkpointing`` recomputes the
     decoder blocks in the backward pass instead of keeping their activations.
 
+    With ``config.blockwise`` the scales first train block by block (``sasq_edge.blockwise``:
+    SmoothQuant strength searched per block, scales initialised and trained against each float
+    block's output, on ``config.block_windows`` windows), then ``config.train_steps`` steps of the
+    end-to-end objective train the activation scales of the whole model (no smoothing factors);
+    ``on_block`` reports each block.
+
     The model ends as ``apply_state(fresh model, result.state)`` rebuilds it, bit for bit.
     """
     progress = progress and group.is_main
@@ -162,6 +172,9 @@ def run_sasq(
         record = {"spec": None, "role": CALIBRATION, "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]),
                   "bos": bool(bos is not None and (windows[:, 0] == bos).all())}
         windows = group.from_main(lambda: windows)  # rank 0's, should the callers' differ
+    if config.blockwise:
+        return _run_blockwise(lm, config, windows, text, record, progress=progress, group=group,
+                              gradient_checkpointing=gradient_checkpointing, on_block=on_block)
     search, select, heldout = None, None, {}
     if config.smooth_alpha == AUTO_ALPHA or windows.shape[0] >= 2 * SELECT_WINDOWS:
         # the last windows never train: they pick alpha and measure what training did
@@ -203,6 +216,42 @@ def run_sasq(
         training["alpha_search"] = {str(a): p for a, p in search.items()}
     state = state_from_model(lm.model, config, lm.source, smooth=factors, training=training)
     return SasqResult(state, report, factors, search)
+
+
+def _run_blockwise(lm: LoadedModel, config: QuantConfig, windows: np.ndarray, text: str, record: dict, *, progress: bool,
+                   group: Group, gradient_checkpointing: bool, on_block: BlockCallback | None) -> SasqResult:
+    """``run_sasq``'s block-wise path: the block-wise pass on the whole model in memory, then the
+    end-to-end steps (``config.train_steps``) on the activation scales alone."""
+    from sasq_edge.blockwise import WholeModel, train_blockwise
+
+    if group.world > 1:
+        raise ConfigError("block-wise training runs in one process: start it without accelerate launch / torchrun, or "
+                          "train end to end (--no-blockwise)")
+    heldout = {}
+    if windows.shape[0] >= 2 * SELECT_WINDOWS:
+        windows, select = hold_out(windows)
+        heldout = {"windows": int(select.shape[0]), "seq_len": int(select.shape[1]), "float_ppl": _ppl(lm.model, select)}
+    blocks = sample_windows(windows, config.block_windows, config.seed)
+    result = train_blockwise(WholeModel(lm.model), dataclasses.replace(config, train_steps=0), blocks, lm.source,
+                             progress=progress, on_block=on_block)
+    config = dataclasses.replace(QuantConfig.from_dict(result.state.method), train_steps=config.train_steps)
+    if heldout:
+        heldout["blockwise_ppl"] = _ppl(lm.model, select)
+        heldout["ptq_ppl"] = heldout["blockwise_ppl"]  # what the end-to-end steps start from
+    report = train_scales(lm.model, torch.from_numpy(windows), config, progress=progress, group=group,
+                          gradient_checkpointing=gradient_checkpointing) if config.train_steps else \
+        TrainReport(0, 0, len(scale_parameters(lm.model)), 0.0, 0.0)
+    if heldout:
+        heldout["trained_ppl"] = _ppl(lm.model, select) if config.train_steps else heldout["blockwise_ppl"]
+    training = {**report.summary(), **result.state.training, "calib_windows": int(min(config.calib_batches, blocks.shape[0])),
+                "train_windows": int(windows.shape[0]), "text": text, "data": record, "objective": config.objective,
+                "processes": 1, "global_batch": config.batch_size, "weights_dtype": weights_dtype(lm.model),
+                "gradient_checkpointing": gradient_checkpointing}
+    training["wall_s"] = round(result.wall_s + report.wall_s, 2)
+    if heldout:
+        training["heldout"] = heldout
+    state = state_from_model(lm.model, config, lm.source, smooth=result.factors, training=training)
+    return SasqResult(state, report, result.factors, None)
 
 
 def weights_dtype(model: nn.Module) -> str:

@@ -74,6 +74,11 @@ def _kv_index(model: nn.Module, device: torch.device | None = None) -> torch.Ten
     return idx.expand(lay.kv_heads, lay.group, lay.head_dim).reshape(-1)
 
 
+def group_input(key: str, g: SmoothGroup) -> str:
+    """The full name of the group's first linear: its input is the group's input."""
+    return f"{_block(key, g)}.{g.linears[0]}"
+
+
 @torch.no_grad()
 def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: dict[str, SmoothGroup]) -> dict[str, torch.Tensor]:
     """Per-input-channel ``max |x|`` of each group's input over ``batches`` (float model)."""
@@ -88,8 +93,7 @@ def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: di
 
     try:
         for key, g in groups.items():
-            first = model.get_submodule(f"{_block(key, g)}.{g.linears[0]}")
-            handles.append(first.register_forward_pre_hook(hook(key)))
+            handles.append(model.get_submodule(group_input(key, g)).register_forward_pre_hook(hook(key)))
         device = next(model.parameters()).device
         for ids in tqdm(list(batches), desc="smooth stats", unit="batch"):
             model(input_ids=ids.to(device))
@@ -183,10 +187,10 @@ def attach_learnable(model: nn.Module, factors: dict[str, torch.Tensor]) -> int:
     if not factors:
         raise ConfigError("learnable smoothing needs a smoothed model: set smooth_alpha")
     groups = smooth_groups(model)
-    device = next(model.parameters()).device
     count = 0
     for key, s in factors.items():
         g = groups[key]
+        device = model.get_submodule(group_input(key, g)).weight.device  # a block of a model read piece by piece
         param = nn.Parameter(torch.zeros_like(s, device=device))
         count += param.numel()
         for name in g.linears:
@@ -220,6 +224,12 @@ def snapshot(model: nn.Module, targets: Iterable[str] | None = None) -> dict[str
     """CPU copies of the float parameters smoothing will change (before it does), in their own
     dtype, so that ``fold_learnable`` can fold the final factors into them once."""
     keys = smooth_groups(model, targets)
+    return {name: p.detach().cpu().clone() for name, p in _touched(model, keys).items()}
+
+
+@torch.no_grad()
+def snapshot_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``snapshot`` of the groups at ``keys`` only (one block's, in the block-wise pass)."""
     return {name: p.detach().cpu().clone() for name, p in _touched(model, keys).items()}
 
 

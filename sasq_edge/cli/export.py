@@ -29,6 +29,8 @@ def _export(argv: list[str] | None) -> int:
                         "model would not fit in memory): export with --scales, or calibrate with --train-steps 0")
     add_data_args(p, "calibration")
     recipe.add_train_args(p)
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="train even where the estimated peak memory exceeds the memory free")
     args = p.parse_args(argv)
     from exporters import export_onnx, output_folder
     from sasq_edge.layerwise import LayerwiseModel, check_state_matches, run_layerwise, should_go_layerwise
@@ -50,15 +52,21 @@ def _export(argv: list[str] | None) -> int:
         if state is not None and args.profile is not None:
             state = state.with_profile(recipe.profile(args))
         cfg = None if state is not None or args.float else recipe.config(args)
-        training = state is None and cfg.train_steps > 0 if cfg is not None else False
-        folder = None if args.float else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, training)
+        if cfg is not None and cfg.blockwise:  # block by block: the whole model in memory, or one layer at a time
+            chosen = recipe.plan(args, cfg, "sasq-export")
+            cfg, folder = chosen.config, chosen.layerwise
+        else:
+            training = state is None and cfg.train_steps > 0 if cfg is not None else False
+            folder = None if args.float else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, training)
         if folder is not None:  # bigger than memory: one decoder layer at a time
             from transformers import AutoTokenizer
+
+            from sasq_edge.plan import block_progress
 
             print(f"sasq-export: reading {folder} one decoder layer at a time", file=sys.stderr, flush=True)
             if state is None:
                 state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
-                                      progress=not args.json)
+                                      progress=not args.json, on_block=block_progress(quiet=args.json))
             source = LayerwiseModel(folder, smooth=state.smooth, trust_remote_code=args.trust_remote_code)
             check_state_matches(source, state)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)

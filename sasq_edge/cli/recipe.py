@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from runtime.errors import ConfigError
 from runtime.profiles import AUTO, PROFILES, resolve_profile
 from sasq_edge.cli.common import float_in, int_at_least
@@ -47,6 +49,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="rotate the input of each MLP down projection online in Hadamard blocks of this size (a power "
                         "of two; the largest that divides the layer's width is used) so one static scale fits its "
                         f"outliers; 0 = off (default {d.rotate_block})")
+    p.add_argument("--blockwise", action=argparse.BooleanOptionalAction,
+                   help="train the scales block by block against each float decoder block's output, one block in memory "
+                        "at a time (every model size), then --train-steps end-to-end steps where the whole model fits; "
+                        f"--no-blockwise trains end to end only (default {'on' if d.blockwise else 'off'})")
+    p.add_argument("--block-steps", type=int_at_least(0), help=f"training steps per block (default {d.block_steps})")
+    p.add_argument("--block-windows", type=int_at_least(1),
+                   help=f"windows the block-wise pass captures and trains on (default {d.block_windows})")
     p.add_argument("--device", default="cpu", help="torch device for calibration and training: cpu or cuda (default cpu)")
 
 
@@ -114,12 +123,15 @@ def smooth_alpha(value: str | None) -> float | str | None:
 _FIELDS = {"calibration": "calibration", "percentile": "percentile", "calib_batches": "calib_batches",
            "truncation": "truncation", "train_steps": "train_steps", "lr": "lr", "batch_size": "batch_size",
            "seed": "seed", "smooth_learn": "smooth_learn", "lr_schedule": "lr_schedule", "objective": "objective",
-           "rotate_block": "rotate_block"}
+           "rotate_block": "rotate_block", "blockwise": "blockwise", "block_steps": "block_steps",
+           "block_windows": "block_windows"}
 
 
 def config(args: argparse.Namespace) -> QuantConfig:
     """The ``--recipe`` preset with every option the user set on top."""
-    over = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt) is not None}
+    over = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt, None) is not None}
+    if over.get("blockwise") is False:
+        over.setdefault("block_steps", 0)
     if args.smooth_alpha is not None:
         over["smooth_alpha"] = smooth_alpha(args.smooth_alpha)
         if over["smooth_alpha"] is None and "smooth_learn" not in over:
@@ -149,6 +161,16 @@ def device(args: argparse.Namespace):
     return dev
 
 
+def plan(args: argparse.Namespace, cfg: QuantConfig, command: str):
+    """The block-wise plan of ``cfg`` for ``--model`` (``sasq_edge.plan``), its line said on stderr."""
+    from sasq_edge.plan import blockwise_plan
+
+    chosen = blockwise_plan(args.model, cfg, forced_layerwise=getattr(args, "layerwise", False),
+                            trust_remote_code=args.trust_remote_code, check=not getattr(args, "no_memory_check", False))
+    print(f"{command}: {chosen.line}", file=sys.stderr, flush=True)
+    return chosen
+
+
 def run(lm, args: argparse.Namespace, cfg: QuantConfig, group=None):
     """``run_sasq`` on ``--device`` with ``--data`` (the model comes back to the CPU for export),
     on every rank of ``group`` (``sasq_edge.distributed``; one process when None), with
@@ -161,13 +183,21 @@ def run(lm, args: argparse.Namespace, cfg: QuantConfig, group=None):
     group = group or SINGLE
     lm.model.to(device(args))
     try:
+        from sasq_edge.plan import block_progress
+
         result = run_sasq(lm, cfg, args.data_dir, data=args.data, group=group,
-                          gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
+                          gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                          on_block=block_progress(quiet=getattr(args, "json", False)))
     finally:
         lm.model.to("cpu")
     if not group.is_main:
         return result
     print(record_summary(result.state.training["data"]), file=sys.stderr, flush=True)
+    blockwise = result.state.training.get("blockwise")
+    if blockwise and blockwise.get("alphas"):
+        alphas = blockwise["alphas"]
+        print(f"smooth alpha searched per block: {min(alphas):g}..{max(alphas):g} (median {np.median(alphas):g})",
+              file=sys.stderr, flush=True)
     if result.alpha_search is not None:
         alpha = result.state.method["smooth_alpha"]
         print(f"smooth alpha auto -> {alpha} (validation PPL {result.alpha_search[alpha]:.3f})", file=sys.stderr, flush=True)

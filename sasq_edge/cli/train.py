@@ -43,21 +43,32 @@ def _train(argv: list[str] | None) -> int:
         # a second run on the same folder fails now, not after training; only rank 0 writes
         with unit.lock() if group.is_main else contextlib.nullcontext():
             # bf16 training holds half the float32 model: the memory check below decides whether it fits
-            bf16_training = args.dtype == "bf16" and cfg.train_steps > 0 and not args.layerwise
-            folder = None if bf16_training else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code,
-                                                                    cfg.train_steps > 0)
-            if folder is not None:  # bigger than memory: calibrate one decoder layer at a time
+            if cfg.blockwise:
+                if group.world > 1:
+                    raise ConfigError("block-wise training runs in one process: start sasq-train without accelerate launch "
+                                      "/ torchrun, or train end to end on many processes (--no-blockwise)")
+                chosen = recipe.plan(args, cfg, "sasq-train")
+                cfg, folder = chosen.config, chosen.layerwise
+            else:
+                bf16_training = args.dtype == "bf16" and cfg.train_steps > 0 and not args.layerwise
+                folder = None if bf16_training else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code,
+                                                                        cfg.train_steps > 0)
+            if folder is not None:  # bigger than memory: one decoder layer at a time
                 if group.world > 1:
                     raise ConfigError("layer-by-layer calibration runs in one process: start sasq-train without "
                                       "accelerate launch / torchrun")
+                from sasq_edge.plan import block_progress
+
                 state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
-                                      progress=not args.json)
+                                      progress=not args.json, on_block=block_progress(quiet=args.json))
                 state.save(args.run_dir)
-                emit(args, f"calibrated {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
+                how = "trained block by block" if cfg.blockwise else "calibrated"
+                emit(args, f"{how} {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
                            f"windows of {state.training['seq_len']} tokens, profile {state.profile}) -> {args.run_dir}",
                      {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **state.training})
                 return 0
-            recipe.check_memory(args, cfg, device)
+            if not cfg.blockwise:
+                recipe.check_memory(args, cfg, device)
             group.barrier()  # every process checked the memory before any loads its model
             lm = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=recipe.torch_dtype(args))
             result = recipe.run(lm, args, cfg, group)
@@ -80,12 +91,18 @@ def _train(argv: list[str] | None) -> int:
         what += f", {len(state.rotation)} inputs rotated (Hadamard blocks of {'/'.join(map(str, blocks))})"
     data, heldout = state.training["data"], state.training.get("heldout")
     on = f" on {group.world} processes (global batch {cfg.batch_size * group.world})" if group.world > 1 else ""
-    summary = (f"trained {what} ({cfg.objective} objective, profile {state.profile}) in {report.steps} steps{on} "
-               f"({report.tokens} tokens, {report.wall_s:.1f} s) on {record_text(data)} ({data['windows']} windows) "
-               f"-> {args.run_dir}")
+    bw = state.training.get("blockwise")
+    how = f"in {report.steps} steps{on} ({report.tokens} tokens, {report.wall_s:.1f} s)"
+    if bw:
+        how = (f"block by block ({bw['blocks']} blocks x {bw['steps_per_block']} steps, {bw['wall_s']:.0f} s; mean "
+               f"reconstruction error {bw['error_ptq_mean']:.2e} calibrated -> {bw['error_trained_mean']:.2e} trained)"
+               + (f", then {how} end to end" if report.steps else ""))
+    summary = (f"trained {what} ({cfg.objective} objective, profile {state.profile}) {how} on {record_text(data)} "
+               f"({data['windows']} windows) -> {args.run_dir}")
     if heldout:
+        first = "after the block-wise pass" if bw else "after calibration"
         summary += (f"\nheld-out validation perplexity ({heldout['windows']} windows of {heldout['seq_len']} tokens never "
-                    f"trained on): float {heldout['float_ppl']:.3f}, after calibration {heldout['ptq_ppl']:.3f}, "
+                    f"trained on): float {heldout['float_ppl']:.3f}, {first} {heldout['ptq_ppl']:.3f}, "
                     f"after training {heldout['trained_ppl']:.3f}")
     emit(args, summary,
          {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **report.summary(),

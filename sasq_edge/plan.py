@@ -1,0 +1,95 @@
+"""How a run trains, chosen from the model's config and the memory free, before any weight is read:
+block by block on the whole model in memory (then the end-to-end steps where they fit), block by
+block reading one decoder layer at a time from the checkpoint, or a refusal with the numbers where
+not even one block fits. ``sasq-export`` and ``sasq-train`` print the one line it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from sasq_edge import memory
+from sasq_edge.config import QuantConfig
+from sasq_edge.errors import ConfigError
+
+GIB = memory.GIB
+FIT_FRACTION = 0.85  # the share of the free memory an estimate may take (the estimates leave out allocator slack)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: QuantConfig  # train_steps 0 where the end-to-end pass does not fit or cannot run
+    layerwise: Path | None  # the checkpoint folder read one decoder layer at a time, or None: the whole model
+    line: str  # what runs and why, one line
+
+
+def _local_folder(spec: str) -> Path | None:
+    from sasq_edge.layerwise import INDEX_FILE, SINGLE_FILE
+
+    path = Path(spec).expanduser()
+    return path if path.is_dir() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()) else None
+
+
+def blockwise_plan(spec: str, cfg: QuantConfig, *, forced_layerwise: bool = False, trust_remote_code: bool = False,
+                   free: int | None = None, check: bool = True) -> Plan:
+    """The plan of a block-wise run of ``cfg`` on the model ``spec`` with ``free`` bytes of memory
+    (``MemAvailable`` when None). ``check=False`` (``--no-memory-check``) never refuses."""
+    from sasq_edge.models import load_config
+
+    config = load_config(spec, trust_remote_code=trust_remote_code)
+    free = memory.host_available() if free is None else free
+    budget = None if free is None else int(FIT_FRACTION * free)
+    whole = memory.estimate_blockwise(config, cfg, whole=True)
+    one = memory.estimate_blockwise(config, cfg, whole=False)
+    layers = memory.Sizes.of(config).layers
+    what = f"{layers} blocks x {cfg.block_steps} steps on {cfg.block_windows} windows of {cfg.seq_len} tokens"
+    have = "" if free is None else f" of {free / GIB:.1f} GiB free"
+    local = _local_folder(spec)
+    if forced_layerwise and local is None:
+        raise ConfigError(f"--layerwise reads a local folder of safetensors weights; {spec!r} is not one: download it first")
+    if forced_layerwise or (budget is not None and whole.peak > budget and local is not None):
+        if check and budget is not None and one.peak > budget:
+            raise ConfigError(f"even one decoder block does not fit: block-wise training needs about {one.peak / GIB:.1f} GiB "
+                              f"({one.summary()}), this machine has {free / GIB:.1f} GiB free: use fewer --block-windows "
+                              f"(now {cfg.block_windows}) or a shorter --seq-len (now {cfg.seq_len}), or a machine with more "
+                              "memory (--no-memory-check trains anyway)")
+        why = "--layerwise" if forced_layerwise else f"the whole model needs about {whole.peak / GIB:.1f} GiB{have}"
+        skipped = f", no end-to-end steps (they need the whole model; {cfg.train_steps} asked)" if cfg.train_steps else ""
+        return Plan(dataclasses.replace(cfg, train_steps=0), local,
+                    f"training block by block, one layer read at a time ({what}, about {one.peak / GIB:.1f} GiB){skipped}: {why}")
+    if check and budget is not None and whole.peak > budget:
+        raise ConfigError(f"block-wise training of {spec} in memory needs about {whole.peak / GIB:.1f} GiB ({whole.summary()}), "
+                          f"this machine has {free / GIB:.1f} GiB free: save it as a safetensors folder "
+                          "(save_pretrained) and pass the folder, which is read one decoder layer at a time "
+                          "(--no-memory-check trains anyway)")
+    line = f"training block by block ({what}, about {whole.peak / GIB:.1f} GiB{have})"
+    if not cfg.train_steps:
+        return Plan(cfg, None, line)
+    e2e = memory.estimate(config, dataclasses.replace(cfg, smooth_alpha=None, smooth_learn=False))  # scales alone train
+    if check and budget is not None and e2e.peak > budget:
+        return Plan(dataclasses.replace(cfg, train_steps=0), None,
+                    f"{line}; no end-to-end steps: they need about {e2e.peak / GIB:.1f} GiB{have}")
+    return Plan(cfg, None, f"{line}, then {cfg.train_steps} end-to-end steps (about {e2e.peak / GIB:.1f} GiB)")
+
+
+def block_progress(quiet: bool = False):
+    """An ``on_block`` callback that prints one line a block (stderr): the block and the total,
+    its seconds, the time left at the mean pace so far, and its reconstruction error."""
+    import sys
+    import time
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+
+    def show(rec, total: int) -> None:
+        if quiet:
+            return
+        done = rec.index + 1
+        left = (time.perf_counter() - start) / done * (total - done)
+        alpha = "" if rec.alpha is None else f", alpha {rec.alpha:g}"
+        tqdm.write(f"block {done}/{total}: {rec.seconds:.1f} s, about {left / 60:.1f} min left; reconstruction error "
+                   f"{rec.trained_error:.3e} (calibrated {rec.ptq_error:.3e}){alpha}", file=sys.stderr)
+
+    return show
