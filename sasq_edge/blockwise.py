@@ -6,7 +6,7 @@ block in turn (BRECQ, Li et al. 2021, and OmniQuant, Shao et al. 2024, reconstru
 block; AutoRound, Cheng et al. 2024, feeds each block the quantized model's own outputs):
 
 1. the float block maps the float stream to the target ``y = block(x_fp)``;
-2. SmoothQuant factors are computed from the channel maxima of the block's inputs; with
+2. SmoothQuant factors are computed from the channel maxima of the float block's inputs; with
    ``smooth_alpha="auto"`` each strength is tried on the block (absmax PTQ, the reconstruction
    error on a few windows) and the best one is kept, per block;
 3. the block's linears are swapped for ``QuantLinear`` (the rotation as everywhere) and their
@@ -15,7 +15,8 @@ block; AutoRound, Cheng et al. 2024, feeds each block the quantized model's own 
    Adam through fake quantization for ``config.block_steps`` steps of ``config.batch_size``
    windows, on the relative squared error ``|block_q(x_q) - y|^2 / |y|^2``; every weight stays
    frozen;
-5. learned factors fold into the weights, and the streams move on: ``x_fp <- y``,
+5. where the trained block's error on the report windows ends above the calibrated one's, the
+   calibrated start is kept; learned factors fold into the weights, and the streams move on: ``x_fp <- y``,
    ``x_q <- block_q(x_q)``, so later blocks learn to absorb the errors of earlier ones.
 
 One block is in memory at a time when the blocks come from a ``LayerwiseModel`` (read from the
@@ -54,7 +55,9 @@ from sasq_edge.smooth import (
 )
 from sasq_edge.train import lr_factor, peak_rss_mb
 
-ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)  # the strengths a block tries under "auto"
+# the strengths a block tries under "auto": SmolLM2-135M's 30 blocks chose 0.5 to 1.0 from 0.3..1.0
+# (bench/results/blockwise.md), and each try costs two forward passes of the block
+ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SEARCH_WINDOWS = 1  # windows each tried strength calibrates on and is judged on (absmax PTQ, seconds a block)
 REPORT_WINDOWS = 2  # windows the per-block reconstruction error before and after training is measured on
 
@@ -97,10 +100,13 @@ class BlockRecord:
     alpha: float | None
     seconds: float
     losses: list[float] = field(default_factory=list)
+    kept: bool = True  # the trained scales were kept (False: training ended worse, the calibrated ones stayed)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: target, search, calibrate, train, propagate
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.index, "ptq_error": self.ptq_error, "trained_error": self.trained_error, "alpha": self.alpha,
-                "seconds": round(self.seconds, 2), "loss_first": self.losses[0] if self.losses else None,
+                "seconds": round(self.seconds, 2), "kept": self.kept,
+                "phases": {k: round(v, 2) for k, v in self.phases.items()}, "loss_first": self.losses[0] if self.losses else None,
                 "loss_last": self.losses[-1] if self.losses else None}
 
 
@@ -242,9 +248,11 @@ def _calibrate_block(model: nn.Module, block: nn.Module, names: list[str], confi
 
 
 @torch.no_grad()
-def _channel_absmax(model: nn.Module, block: nn.Module, groups: dict, x: torch.Tensor,
-                    call: tuple[tuple, dict]) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max |x|`` of each smoothing group's input, the float block on ``x``."""
+def _float_pass(model: nn.Module, block: nn.Module, groups: dict, x: torch.Tensor,
+                call: tuple[tuple, dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The float block on every window of ``x`` (the float stream): its output, the target, and
+    the per-input-channel ``max |x|`` of each smoothing group's input (SmoothQuant's statistic,
+    read off the float model's own activations on the way)."""
     from sasq_edge.smooth import group_input
 
     stats: dict[str, torch.Tensor] = {}
@@ -259,12 +267,11 @@ def _channel_absmax(model: nn.Module, block: nn.Module, groups: dict, x: torch.T
     try:
         for key, g in groups.items():
             handles.append(model.get_submodule(group_input(key, g)).register_forward_pre_hook(hook(key)))
-        for j in range(x.shape[0]):
-            _forward(block, x[j:j + 1], call)
+        y = _run(block, x, call)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return y, stats
 
 
 def _unswap(model: nn.Module, swapped: dict[str, nn.Linear]) -> None:
@@ -348,11 +355,13 @@ BlockCallback = Callable[[BlockRecord, int], None]
 
 def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarray, model_source: str, *,
                     progress: bool = True, on_block: BlockCallback | None = None,
-                    training: dict[str, Any] | None = None) -> BlockwiseResult:
+                    training: dict[str, Any] | None = None, max_blocks: int | None = None) -> BlockwiseResult:
     """The block-wise pass (module docstring) over the calibration ``windows`` ``(n, T)``; returns
     the state. With a ``WholeModel`` the model ends prepared, smoothed and calibrated, what
     ``apply_state`` makes of the state. ``on_block(record, total)`` runs after each block (the
-    command line prints progress from it). ``training`` is merged into the state's record."""
+    command line prints progress from it). ``training`` is merged into the state's record.
+    ``max_blocks`` stops after that many blocks (time and memory measurements of big shapes: the
+    state then covers those blocks only)."""
     from sasq_edge.state import model_fingerprint
 
     if config.train_steps and not isinstance(source, WholeModel):
@@ -361,6 +370,8 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
     model = source.model
     spec = arch_spec(model.config.model_type)
     n_blocks = len(model.get_submodule(source.blocks))
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
     x_fp, x_q, calls = capture(source, windows, config.embedding, progress=progress)
     _release_stem(source)
     report = slice(0, min(REPORT_WINDOWS, x_q.shape[0]))
@@ -376,18 +387,19 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
             block = source.load(piece)
             block.eval()
             call = calls[i]
-            with torch.no_grad():
-                y = _run(block, x_fp, call)  # the float target, from the float stream
             groups = {k: g for k, g in smooth_groups(model, config.targets).items() if k.startswith(piece + ".")} \
                 if config.smooth_alpha is not None and spec.smooth else {}
+            clock = _Clock()
+            y, stats = _float_pass(model, block, groups, x_fp, call)  # the float target, from the float stream
+            clock("target")
             alpha = None
             block_factors: dict[str, torch.Tensor] = {}
             originals: dict[str, torch.Tensor] = {}
             if groups:
-                stats = _channel_absmax(model, block, groups, x_q[calib], call)
                 alpha = config.smooth_alpha
                 if alpha == AUTO_ALPHA:
                     alpha, _ = _search_alpha(model, block, piece, groups, stats, config, x_q[search], y[search], call)
+                clock("search")
                 originals = snapshot_keys(model, groups) if config.smooth_learn else {}
                 block_factors = smoothquant_factors(model, groups, stats, float(alpha))
                 fold_factors(model, block_factors)
@@ -397,16 +409,27 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
             _calibrate_block(model, block, names, config, x_q[calib], call)
             with torch.no_grad():
                 ptq_error = float(relative_error(_run(block, x_q[report], call), y[report]))
+            clock("calibrate")
             if config.smooth_learn and block_factors:
                 attach_learnable(model, block_factors)
             params = [p for n in names for p in _trainable(model.get_submodule(n))]
             params = list({id(p): p for p in params}.values())
+            initial = [p.detach().clone() for p in params]
             losses = _train_block(block, params, x_q, y, call, config, config.seed + i)
+            kept = True
+            if losses:
+                with torch.no_grad():
+                    kept = float(relative_error(_run(block, x_q[report], call), y[report])) <= ptq_error
+                    if not kept:  # training ended worse than it started on the report windows: keep the calibrated start
+                        for p, v in zip(params, initial, strict=True):
+                            p.copy_(v)
             if config.smooth_learn and block_factors:
                 block_factors = fold_learnable(model, block_factors, originals)
+            clock("train")
             with torch.no_grad():
                 x_next = _run(block, x_q, call)  # the quantized stream moves on
                 trained_error = float(relative_error(x_next[report], y[report]))
+            clock("propagate")
             for name in names:
                 q = model.get_submodule(name)
                 scales[name] = float(q.act_quant.scale)
@@ -419,13 +442,13 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
             x_fp, x_q = y, x_next
             source.release(piece)
             rec = BlockRecord(i, ptq_error, trained_error, None if alpha is None else float(alpha), time.perf_counter() - t0,
-                              losses)
+                              losses, kept, clock.phases)
             records.append(rec)
             bar.update(1)
             bar.set_postfix(error=f"{trained_error:.2e}", ptq=f"{ptq_error:.2e}")
             if on_block is not None:
                 on_block(rec, n_blocks)
-        if config.lm_head:
+        if config.lm_head and n_blocks == len(model.get_submodule(source.blocks)):
             name, head_x = _head_name(source), x_q
             _load_head(source)
             q = _head(model, config, head_x, source, name)
@@ -451,6 +474,19 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
                        {k: v.numpy() for k, v in factors.items()}, config.embedding, config.to_dict(), record,
                        weights_digest(digest), rotation=rotation)
     return BlockwiseResult(state, factors, result_blocks, wall, peak_rss_mb())
+
+
+class _Clock:
+    """Seconds since the last call, by phase name."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 def _trainable(q: QuantLinear) -> list[nn.Parameter]:

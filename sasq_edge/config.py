@@ -144,8 +144,11 @@ class QuantConfig:
 _LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, lr_schedule="cosine", lr=0.01,
                 objective="kd", rotate_block=64)
 # The presets' text when a command gets no --data: runtime.sources.DEFAULT_CALIBRATION_SPEC.
+# Every preset trains block by block (sasq_edge.blockwise: one decoder block in memory at a time, so
+# every model size gets trained scales); ``best`` adds end-to-end distillation steps after it where
+# the whole model fits (bench/results/blockwise.md).
 RECIPES: dict[str, dict[str, Any]] = {
-    "fast": {**_LEARNED, "seq_len": 512, "train_steps": 20},
-    "default": {**_LEARNED, "seq_len": 512, "train_steps": 100},
-    "best": {**_LEARNED, "seq_len": 2048, "train_steps": 200},
+    "fast": {**_LEARNED, "seq_len": 512, "blockwise": True, "block_steps": 10, "block_windows": 8, "train_steps": 0},
+    "default": {**_LEARNED, "seq_len": 512, "blockwise": True, "block_steps": 40, "block_windows": 16, "train_steps": 0},
+    "best": {**_LEARNED, "seq_len": 2048, "blockwise": True, "block_steps": 100, "block_windows": 32, "train_steps": 200},
 }

@@ -436,10 +436,12 @@ def layerwise_data(data: str | None) -> str | None:
 
 
 def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remote_code: bool = False,
-                  progress: bool = True, on_block=None) -> ScaleState:
+                  progress: bool = True, on_block=None, source: str | None = None) -> ScaleState:
     """The model in ``folder`` one decoder layer at a time, on the calibration windows of ``data``
     (``layerwise_data``: no text sampled from the model): the block-wise pass when
-    ``config.blockwise`` (its end-to-end steps need the whole model and are not run), else PTQ."""
+    ``config.blockwise`` (its end-to-end steps need the whole model and are not run), else PTQ.
+    ``source``: the model as the user named it, recorded in the state (a ``.gguf`` file whose
+    converted folder this is); the folder itself by default."""
     import dataclasses
 
     from transformers import AutoTokenizer
@@ -456,7 +458,7 @@ def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remot
     data = layerwise_data(data)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     lw = LayerwiseModel(folder, trust_remote_code=trust_remote_code)
-    lm = LoadedModel(lw.model, tokenizer, str(folder.resolve()))
+    lm = LoadedModel(lw.model, tokenizer, source or str(folder.resolve()))
     got = training_data(lm, config, data_dir, data, progress=progress)
     if config.blockwise:
         from sasq_edge.blockwise import train_blockwise

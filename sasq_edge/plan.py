@@ -6,6 +6,7 @@ not even one block fits. ``sasq-export`` and ``sasq-train`` print the one line i
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,12 @@ def _local_folder(spec: str) -> Path | None:
 
 
 def blockwise_plan(spec: str, cfg: QuantConfig, *, forced_layerwise: bool = False, trust_remote_code: bool = False,
-                   free: int | None = None, check: bool = True) -> Plan:
+                   free: int | None = None, check: bool = True, whole_export: bool = False) -> Plan:
     """The plan of a block-wise run of ``cfg`` on the model ``spec`` with ``free`` bytes of memory
-    (``MemAvailable`` when None). ``check=False`` (``--no-memory-check``) never refuses."""
+    (``MemAvailable`` when None). A local safetensors folder is read one decoder layer at a time
+    unless end-to-end steps follow (they need the whole model) or ``whole_export`` (an export only
+    the whole model can write: the traced graph); otherwise, and for a hub id or a GGUF file, the
+    whole model loads when it fits. ``check=False`` (``--no-memory-check``) never refuses."""
     from sasq_edge.models import load_config
 
     config = load_config(spec, trust_remote_code=trust_remote_code)
@@ -48,13 +52,21 @@ def blockwise_plan(spec: str, cfg: QuantConfig, *, forced_layerwise: bool = Fals
     local = _local_folder(spec)
     if forced_layerwise and local is None:
         raise ConfigError(f"--layerwise reads a local folder of safetensors weights; {spec!r} is not one: download it first")
-    if forced_layerwise or (budget is not None and whole.peak > budget and local is not None):
+    too_big = budget is not None and whole.peak > budget
+    gguf = Path(spec).expanduser().suffix == ".gguf"
+    by_layer = (local is not None or gguf) and not whole_export and (not cfg.train_steps or too_big)
+    if by_layer and local is None:  # a GGUF file: its safetensors folder, converted once and cached
+        from sasq_edge.gguf import materialize
+
+        local = materialize(spec, log=lambda line: print(f"sasq: {line}", file=sys.stderr, flush=True))
+    if forced_layerwise or by_layer:
         if check and budget is not None and one.peak > budget:
             raise ConfigError(f"even one decoder block does not fit: block-wise training needs about {one.peak / GIB:.1f} GiB "
                               f"({one.summary()}), this machine has {free / GIB:.1f} GiB free: use fewer --block-windows "
                               f"(now {cfg.block_windows}) or a shorter --seq-len (now {cfg.seq_len}), or a machine with more "
                               "memory (--no-memory-check trains anyway)")
-        why = "--layerwise" if forced_layerwise else f"the whole model needs about {whole.peak / GIB:.1f} GiB{have}"
+        why = "--layerwise" if forced_layerwise else f"the whole model needs about {whole.peak / GIB:.1f} GiB{have}" \
+            if too_big else "one block at a time is all the pass needs"
         skipped = f", no end-to-end steps (they need the whole model; {cfg.train_steps} asked)" if cfg.train_steps else ""
         return Plan(dataclasses.replace(cfg, train_steps=0), local,
                     f"training block by block, one layer read at a time ({what}, about {one.peak / GIB:.1f} GiB){skipped}: {why}")
@@ -93,3 +105,10 @@ def block_progress(quiet: bool = False):
                    f"{rec.trained_error:.3e} (calibrated {rec.ptq_error:.3e}){alpha}", file=sys.stderr)
 
     return show
+
+
+def model_source(spec: str, folder: Path) -> str:
+    """What a state trained on ``folder`` records as its model: the user's ``.gguf`` file (read
+    through its converted folder), resolved, or the folder itself."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.suffix == ".gguf" and path.is_file() else str(Path(folder).resolve())

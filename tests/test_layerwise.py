@@ -123,10 +123,17 @@ def test_command_line_goes_layer_by_layer(folder, tmp_path, data_dir, capsys):
     recipe = json.loads((out.parent / "recipe.json").read_text())
     assert recipe["training"]["layerwise"] is True and recipe["method"]["smooth_alpha"] == 0.5
     assert open_session(out).profile == "cpu-vnni"
-    # training needs the whole model: refused with the reason, nothing written
-    code = export_main([str(tmp_path / "o2" / "model.onnx"), "--model", str(folder), "--layerwise", "--train-steps", "3",
-                        "--seq-len", "64", "--data-dir", str(data_dir)])
-    assert code == 2 and "train on a GPU" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    # end-to-end training needs the whole model: refused with the reason, nothing written
+    code = export_main([str(tmp_path / "o2" / "model.onnx"), "--model", str(folder), "--layerwise", "--no-blockwise",
+                        "--train-steps", "3", "--seq-len", "64", "--data-dir", str(data_dir)])
+    assert code == 2 and "train block by block" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    # block by block (the default) it trains, and says that the end-to-end steps asked for are not run
+    code = export_main([str(tmp_path / "o3" / "model.onnx"), "--model", str(folder), "--layerwise", "--train-steps", "3",
+                        "--block-steps", "2", "--seq-len", "64", "--data-dir", str(data_dir), "--json"])
+    err = capsys.readouterr().err
+    assert code == 0 and "one layer read at a time" in err and "no end-to-end steps (they need the whole model; 3 asked)" in err
+    recipe = json.loads((tmp_path / "o3" / "recipe.json").read_text())
+    assert recipe["method"]["train_steps"] == 0 and recipe["training"]["blockwise"]["steps_per_block"] == 2
 
 
 def test_layerwise_cannot_sample_text_from_the_model(folder, tmp_path, data_dir, capsys):

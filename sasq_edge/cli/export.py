@@ -53,7 +53,7 @@ def _export(argv: list[str] | None) -> int:
             state = state.with_profile(recipe.profile(args))
         cfg = None if state is not None or args.float else recipe.config(args)
         if cfg is not None and cfg.blockwise:  # block by block: the whole model in memory, or one layer at a time
-            chosen = recipe.plan(args, cfg, "sasq-export")
+            chosen = recipe.plan(args, cfg, "sasq-export", whole_export=not fused_export(args, cfg))
             cfg, folder = chosen.config, chosen.layerwise
         else:
             training = state is None and cfg.train_steps > 0 if cfg is not None else False
@@ -61,12 +61,13 @@ def _export(argv: list[str] | None) -> int:
         if folder is not None:  # bigger than memory: one decoder layer at a time
             from transformers import AutoTokenizer
 
-            from sasq_edge.plan import block_progress
+            from sasq_edge.plan import block_progress, model_source
 
             print(f"sasq-export: reading {folder} one decoder layer at a time", file=sys.stderr, flush=True)
             if state is None:
                 state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
-                                      progress=not args.json, on_block=block_progress(quiet=args.json))
+                                      progress=not args.json, on_block=block_progress(quiet=args.json),
+                                      source=model_source(args.model, folder))
             source = LayerwiseModel(folder, smooth=state.smooth, trust_remote_code=args.trust_remote_code)
             check_state_matches(source, state)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
@@ -83,6 +84,17 @@ def _export(argv: list[str] | None) -> int:
     emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
          f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)
     return 0
+
+
+def fused_export(args, cfg) -> bool:
+    """Whether the export writes the fused CPU graph, which a model read one layer at a time can
+    feed: a CPU profile, a family that has one, a KV cache, ``--graph`` auto or fused."""
+    from exporters.fused import FUSED_FAMILIES
+    from sasq_edge.models import load_config
+
+    if args.graph == "traced" or args.no_kv_cache or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head:
+        return False
+    return load_config(args.model, trust_remote_code=args.trust_remote_code).model_type in FUSED_FAMILIES
 
 
 main = entry("sasq-export", _export)

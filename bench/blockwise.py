@@ -1,0 +1,289 @@
+"""The plain default command at every model size: SmolLM2-135M-Instruct (Q4_1-dequantized) and
+Qwen2.5-Coder-0.5B / -1.5B-Instruct (Q4_K_M-dequantized) on this CPU.
+
+    python bench/blockwise.py export smollm2 [--rows default,calibration,float]
+    python bench/blockwise.py eval smollm2          # ONNX Runtime, 16 x 512 on wiki, code, docs, legal
+    python bench/blockwise.py report               # bench/results/blockwise.{json,md}
+    python bench/blockwise.py scale7b              # the block-wise pass on a random 7B Llama shape
+
+Rows, each the command a user types (``SASQ_DATA_DIR`` set to the offline WikiText-2 folder):
+
+- ``default``: ``sasq-export OUT/model.onnx --model M``: wall time and peak RSS of the process
+  (``os.wait4``'s ``ru_maxrss`` of that child alone);
+- ``calibration``: ``--no-blockwise --train-steps 0 --data wikitext2``: calibration only, what a
+  model too big for end-to-end training got before block-wise training (for the GGUF models with
+  ``--layerwise`` on their converted folder: PTQ one layer at a time, SmoothQuant alpha 0.5);
+- ``float``: ``--float``: the reference every ratio is taken against (the same file's float export).
+
+Evaluation: ``sasq-ppl``'s computation (``runtime.perplexity`` on ``runtime.open_session``) on the
+first 16 windows of 512 tokens of WikiText-2 raw test and of the code, docs and legal domains of
+bench/domains.py. Results accumulate in bench/results/blockwise/<model>.json (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+ROOT = HERE.parent
+OUT = HERE / "results" / "blockwise"
+WORK = HERE / ".work" / "blockwise"
+ASSETS = Path(os.environ.get("SASQ_ASSETS", str(Path.home() / ".cache" / "sasq-assets")))
+DATA = os.environ.get("SASQ_DATA_DIR", str(ROOT.parent / "shared" / "assets" / "wikitext2"))
+MODELS = {
+    "smollm2": (os.environ.get("SASQ_SMOLLM2_DIR", str(ASSETS / "smollm2-135m-instruct")),
+                "SmolLM2-135M-Instruct (Q4_1-dequantized)"),
+    "qwen0.5b": (str(ASSETS / "qwen" / "qwen2.5-coder-0.5b-instruct.gguf"), "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M-dequantized)"),
+    "qwen1.5b": (str(ASSETS / "qwen" / "qwen2.5-coder-1.5b-instruct.gguf"), "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M-dequantized)"),
+}
+ROWS = {
+    "default": [],
+    "calibration": ["--no-blockwise", "--train-steps", "0", "--data", "wikitext2"],
+    "float": ["--float"],
+}
+SEQ_LEN, WINDOWS = 512, 16
+DOMAINS = ("wiki", "code", "docs", "legal")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0] if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "avx512_vnni": "avx512_vnni" in flags, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def run_command(argv: list[str], log: Path) -> dict:
+    """Run ``argv`` with its output in ``log``: exit code, wall seconds, peak RSS of that process
+    (MiB) and its last output line."""
+    env = {**os.environ, "SASQ_DATA_DIR": DATA, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        t = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    lines = [ln for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+    return {"command": shlex.join(argv), "exit": proc.returncode, "wall_s": round(wall, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "last_line": lines[-1] if lines else "",
+            "plan": next((ln for ln in lines if "training block by block" in ln), None)}
+
+
+def export_stage(args) -> None:
+    path = OUT / f"{args.model}.json"
+    res = _load(path) or {"model": MODELS[args.model][1], "machine": machine(), "rows": {}}
+    for row in args.rows.split(","):
+        if row in res["rows"] and res["rows"][row].get("exit") == 0 and not args.force:
+            continue
+        onnx = WORK / args.model / row / "model.onnx"
+        model, extra = MODELS[args.model][0], list(ROWS[row])
+        if row == "calibration" and model.endswith(".gguf"):
+            # what a model read layer by layer got before block-wise training: PTQ one layer at a time,
+            # SmoothQuant alpha 0.5, through the GGUF's converted folder (the default row made it)
+            from sasq_edge.gguf import materialize
+
+            model, extra = str(materialize(model)), [*extra, "--layerwise"]
+        argv = ["sasq-export", str(onnx), "--model", model, *extra]
+        print("running", shlex.join(argv), flush=True)
+        got = run_command(argv, WORK / args.model / f"{row}.log")
+        if got["exit"] == 0 and (onnx.parent / "recipe.json").is_file():
+            recipe = json.loads((onnx.parent / "recipe.json").read_text())
+            bw = recipe.get("training", {}).get("blockwise")
+            got["recipe"] = {k: recipe.get("method", {}).get(k) for k in ("blockwise", "block_steps", "block_windows",
+                                                                         "train_steps", "smooth_alpha", "rotate_block")}
+            got["data"] = recipe.get("training", {}).get("data")
+            got["heldout"] = recipe.get("training", {}).get("heldout")
+            if bw:
+                got["blockwise"] = {k: v for k, v in bw.items() if k != "per_block"}
+                got["per_block"] = [{k: b[k] for k in ("block", "ptq_error", "trained_error", "alpha", "seconds")}
+                                    for b in bw["per_block"]]
+        res["rows"][row] = got
+        _write(path, res)
+        print(row, {k: got[k] for k in ("exit", "wall_s", "peak_rss_mb", "last_line")}, flush=True)
+
+
+def eval_windows(tokenizer) -> dict[str, np.ndarray]:
+    from domains import text
+
+    from runtime.data import load_text, make_windows, tokenize
+
+    out = {"wiki": make_windows(tokenize(load_text("test", DATA), tokenizer), SEQ_LEN, WINDOWS)}
+    for d in DOMAINS[1:]:
+        out[d] = make_windows(tokenize(text(d), tokenizer), SEQ_LEN, WINDOWS)
+    return out
+
+
+def eval_stage(args) -> None:
+    from runtime.folder import load_tokenizer
+    from runtime.perplexity import perplexity
+    from runtime.session import open_session
+
+    path = OUT / f"{args.model}.json"
+    res = _load(path)
+    windows = None
+    for row, got in res.get("rows", {}).items():
+        onnx = WORK / args.model / row / "model.onnx"
+        if got.get("exit") != 0 or not onnx.is_file():
+            continue
+        ppl = got.setdefault("ppl", {})
+        todo = [d for d in DOMAINS if d not in ppl]
+        if not todo:
+            continue
+        windows = windows or eval_windows(load_tokenizer(str(onnx.parent)))
+        session = open_session(onnx, ["cpu"], args.threads)
+        for d in todo:
+            t = time.perf_counter()
+            r = perplexity(session, windows[d], desc=f"{row} {d}")
+            ppl[d] = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "eval_s": round(time.perf_counter() - t, 1)}
+            _write(path, res)
+            print(args.model, row, d, f"{r.ppl:.4f}", flush=True)
+        del session
+
+
+SCALE_BLOCKS = 2  # blocks of the 7B shape trained for the measurement
+
+
+def scale7b_stage(args) -> None:
+    """The block-wise pass on a random bf16 Llama-2-7B-shaped checkpoint read layer by layer, with
+    the default recipe: the first ``SCALE_BLOCKS`` blocks, in a child process (its own peak RSS);
+    the whole command projected from the time per block."""
+    from memory_scale import make_checkpoint
+
+    folder = Path(args.work) / "7B"
+    t = time.perf_counter()
+    make_checkpoint("7B", folder)
+    made = time.perf_counter() - t
+    argv = [sys.executable, str(Path(__file__).resolve()), "scale7b-child", str(folder)]
+    got = run_command(argv, WORK / "scale7b.log")
+    if got["exit"] != 0:
+        raise SystemExit(f"the 7B child failed: {got['last_line']}")
+    child = json.loads(got["last_line"])
+    per_block = float(np.median([b["seconds"] for b in child["per_block"]]))
+    layers = child["layers"]
+    # the layer-by-layer export of the same shape (calibration on one window, then the fused export)
+    export_s = _load(HERE / "results" / "memory_scale.json").get("rows", {}).get("7B", {}).get("export", {}).get("wall_s")
+    projected = child["capture_s"] + layers * per_block + (export_s or 0)
+    res = {"checkpoint": "random Llama-2-7B shape, bf16 safetensors", "checkpoint_s": round(made, 1), **child,
+           "peak_rss_mb": got["peak_rss_mb"], "seconds_per_block_median": round(per_block, 1),
+           "export_s_from_memory_scale": export_s, "projected_command_s": round(projected),
+           "summary": (f"The block-wise pass read layer by layer (the default recipe: {child['steps']} steps per block on "
+                       f"{child['windows']} windows of {child['seq_len']} tokens): peak RSS {got['peak_rss_mb'] / 1024:.2f} GB, "
+                       f"{per_block:.0f} s per block (median of the first {len(child['per_block'])}), capture "
+                       f"{child['capture_s']:.0f} s. Projected whole command on this CPU: {layers} x {per_block:.0f} s"
+                       + (f" + the export ({export_s:.0f} s, bench/results/memory_scale.md)" if export_s else "")
+                       + f" = about {projected / 3600:.1f} h. On one GPU: not measured (no GPU was lent).")}
+    _write(OUT / "scale7b.json", res)
+    print(res["summary"])
+
+
+def scale7b_child(args) -> None:
+    import torch
+
+    from sasq_edge.blockwise import train_blockwise
+    from sasq_edge.config import QuantConfig
+    from sasq_edge.layerwise import LayerwiseModel
+
+    cfg = QuantConfig.from_recipe("default", profile="cpu-vnni", train_steps=0)
+    windows = np.random.default_rng(0).integers(0, 257, (cfg.block_windows, cfg.seq_len))
+    lw = LayerwiseModel(args.folder)
+    t = time.perf_counter()
+    res = train_blockwise(lw, cfg, windows, str(args.folder), progress=False, max_blocks=SCALE_BLOCKS)
+    wall = time.perf_counter() - t
+    blocks = [b.to_dict() for b in res.blocks]
+    print(json.dumps({"layers": lw.layers, "steps": cfg.block_steps, "windows": cfg.block_windows, "seq_len": cfg.seq_len,
+                      "per_block": blocks, "capture_s": round(wall - sum(b["seconds"] for b in blocks), 1),
+                      "threads": torch.get_num_threads()}))
+
+
+LABELS = {"default": "the default command (block-wise)", "calibration": "calibration only (no training)",
+          "float": "float export (reference)"}
+
+
+def report_stage(args) -> None:
+    out = {"seq_len": SEQ_LEN, "windows": WINDOWS, "models": {}}
+    lines = ["# The default command at every model size", "",
+             f"`python bench/blockwise.py export|eval|report`. Perplexity on ONNX Runtime (CPU), the first {WINDOWS} "
+             f"windows of {SEQ_LEN} tokens of WikiText-2 raw test and of the code, docs and legal domains "
+             "(bench/domains.py), as a ratio to the same model's float export. Wall time and peak RSS of the "
+             "`sasq-export` process, on this machine (2 cores).", ""]
+    for key in MODELS:
+        res = _load(OUT / f"{key}.json")
+        if not res:
+            continue
+        out["models"][key] = res
+        rows = res["rows"]
+        ref = rows.get("float", {}).get("ppl", {})
+        lines += [f"## {res['model']}", "", "| row | command | wall | peak RSS | " + " | ".join(DOMAINS) + " |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " |"]
+        for row, got in rows.items():
+            cells = []
+            for d in DOMAINS:
+                p = got.get("ppl", {}).get(d, {}).get("ppl")
+                r = ref.get(d, {}).get("ppl")
+                cells.append("—" if p is None else f"{p:.3f}" + ("" if row == "float" or r is None else f" ({p / r:.3f}x)"))
+            flags = " ".join(ROWS[row]) or "(plain)"
+            lines.append(f"| {LABELS.get(row, row)} | `{flags}` | {got['wall_s'] / 60:.1f} min | "
+                         f"{got['peak_rss_mb'] / 1024:.2f} GB | " + " | ".join(cells) + " |")
+        bw = rows.get("default", {}).get("blockwise")
+        if bw:
+            lines += ["", f"Block-wise pass: {bw['blocks']} blocks x {bw['steps_per_block']} steps on {bw['windows']} windows "
+                          f"of {bw['seq_len']} tokens, {bw['wall_s'] / 60:.1f} min; mean relative reconstruction error "
+                          f"{bw['error_ptq_mean']:.2e} after calibration, {bw['error_trained_mean']:.2e} after training."]
+        plan = rows.get("default", {}).get("plan")
+        if plan:
+            lines += ["", f"The command's plan line: `{plan.strip()}`"]
+        lines.append("")
+    scale = _load(OUT / "scale7b.json")
+    if scale:
+        out["scale7b"] = scale
+        lines += ["## 7B Llama shape (random bf16 checkpoint)", "", scale["summary"], ""]
+    _write(HERE / "results" / "blockwise.json", out)
+    (HERE / "results" / "blockwise.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("model", choices=list(MODELS))
+    e.add_argument("--rows", default=",".join(ROWS))
+    e.add_argument("--force", action="store_true")
+    v = sub.add_parser("eval")
+    v.add_argument("model", choices=list(MODELS))
+    v.add_argument("--threads", type=int, default=2)
+    sub.add_parser("report")
+    sc = sub.add_parser("scale7b")
+    sc.add_argument("--work", default="/tmp/sasq-scale", help="where the random 7B checkpoint is made once (13.5 GB)")
+    ch = sub.add_parser("scale7b-child")
+    ch.add_argument("folder")
+    args = p.parse_args()
+    {"export": export_stage, "eval": eval_stage, "report": report_stage, "scale7b": scale7b_stage,
+     "scale7b-child": scale7b_child}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
