@@ -4,7 +4,7 @@ Qwen2.5-Coder-0.5B / -1.5B-Instruct (Q4_K_M-dequantized) on this CPU.
     python bench/blockwise.py export smollm2 [--rows default,calibration,float]
     python bench/blockwise.py eval smollm2          # ONNX Runtime, 16 x 512 on wiki, code, docs, legal
     python bench/blockwise.py report               # bench/results/blockwise.{json,md}
-    python bench/blockwise.py scale7b              # the block-wise pass on a random 7B Llama shape
+    python bench/blockwise.py project qwen1.5b     # the first blocks of the pass, the rest projected (also: 7b)
 
 Rows, each the command a user types (``SASQ_DATA_DIR`` set to the offline WikiText-2 folder):
 
@@ -163,58 +163,68 @@ def eval_stage(args) -> None:
         del session
 
 
-SCALE_BLOCKS = 2  # blocks of the 7B shape trained for the measurement
+def project_stage(args) -> None:
+    """The block-wise pass of the default recipe on the first ``--blocks`` blocks of a model read
+    layer by layer (a GGUF through its converted folder; ``7b``: a random bf16 Llama-2-7B-shaped
+    checkpoint made once under ``--work``), in a child process (its own peak RSS), and the whole
+    pass projected from the median time per block. For models whose whole command does not fit a
+    session's time here."""
+    if args.model == "7b":
+        from memory_scale import make_checkpoint
 
+        folder = Path(args.work) / "7B"
+        make_checkpoint("7B", folder)
+        label = "random Llama-2-7B shape (bf16 safetensors)"
+    else:
+        from sasq_edge.gguf import materialize
 
-def scale7b_stage(args) -> None:
-    """The block-wise pass on a random bf16 Llama-2-7B-shaped checkpoint read layer by layer, with
-    the default recipe: the first ``SCALE_BLOCKS`` blocks, in a child process (its own peak RSS);
-    the whole command projected from the time per block."""
-    from memory_scale import make_checkpoint
-
-    folder = Path(args.work) / "7B"
-    t = time.perf_counter()
-    make_checkpoint("7B", folder)
-    made = time.perf_counter() - t
-    argv = [sys.executable, str(Path(__file__).resolve()), "scale7b-child", str(folder)]
-    got = run_command(argv, WORK / "scale7b.log")
+        folder = materialize(MODELS[args.model][0])
+        label = MODELS[args.model][1]
+    argv = [sys.executable, str(Path(__file__).resolve()), "project-child", str(folder), str(args.blocks),
+            "random" if args.model == "7b" else "wikitext2"]
+    got = run_command(argv, WORK / f"project_{args.model}.log")
     if got["exit"] != 0:
-        raise SystemExit(f"the 7B child failed: {got['last_line']}")
+        raise SystemExit(f"the child failed: {got['last_line']}")
     child = json.loads(got["last_line"])
     per_block = float(np.median([b["seconds"] for b in child["per_block"]]))
-    layers = child["layers"]
-    # the layer-by-layer export of the same shape (calibration on one window, then the fused export)
-    export_s = _load(HERE / "results" / "memory_scale.json").get("rows", {}).get("7B", {}).get("export", {}).get("wall_s")
-    projected = child["capture_s"] + layers * per_block + (export_s or 0)
-    res = {"checkpoint": "random Llama-2-7B shape, bf16 safetensors", "checkpoint_s": round(made, 1), **child,
-           "peak_rss_mb": got["peak_rss_mb"], "seconds_per_block_median": round(per_block, 1),
-           "export_s_from_memory_scale": export_s, "projected_command_s": round(projected),
-           "summary": (f"The block-wise pass read layer by layer (the default recipe: {child['steps']} steps per block on "
-                       f"{child['windows']} windows of {child['seq_len']} tokens): peak RSS {got['peak_rss_mb'] / 1024:.2f} GB, "
-                       f"{per_block:.0f} s per block (median of the first {len(child['per_block'])}), capture "
-                       f"{child['capture_s']:.0f} s. Projected whole command on this CPU: {layers} x {per_block:.0f} s"
-                       + (f" + the export ({export_s:.0f} s, bench/results/memory_scale.md)" if export_s else "")
-                       + f" = about {projected / 3600:.1f} h. On one GPU: not measured (no GPU was lent).")}
-    _write(OUT / "scale7b.json", res)
+    projected = child["setup_s"] + child["layers"] * per_block
+    res = {"model": label, **child, "peak_rss_mb": got["peak_rss_mb"], "seconds_per_block_median": round(per_block, 1),
+           "projected_pass_s": round(projected),
+           "summary": (f"{label}: the block-wise pass of the default recipe ({child['steps']} steps a block on "
+                       f"{child['windows']} windows of {child['seq_len']} tokens), read layer by layer, measured on its first "
+                       f"{len(child['per_block'])} of {child['layers']} blocks: peak RSS {got['peak_rss_mb'] / 1024:.2f} GB, "
+                       f"{per_block:.0f} s a block (median; phases of the last: {child['per_block'][-1]['phases']}), capture "
+                       f"and alpha search {child['setup_s']:.0f} s; the whole pass projected at {projected / 60:.0f} min on this "
+                       "CPU, before the export. On one GPU: not measured (no GPU was lent).")}
+    _write(OUT / f"project_{args.model}.json", res)
     print(res["summary"])
 
 
-def scale7b_child(args) -> None:
+def project_child(args) -> None:
     import torch
 
+    from runtime.data import sample_windows
     from sasq_edge.blockwise import train_blockwise
     from sasq_edge.config import QuantConfig
     from sasq_edge.layerwise import LayerwiseModel
+    from sasq_edge.models import LoadedModel
+    from sasq_edge.pipeline import training_data
 
     cfg = QuantConfig.from_recipe("default", profile="cpu-vnni", train_steps=0)
-    windows = np.random.default_rng(0).integers(0, 257, (cfg.block_windows, cfg.seq_len))
     lw = LayerwiseModel(args.folder)
+    if args.data == "random":
+        windows = np.random.default_rng(0).integers(0, 257, (cfg.block_windows, cfg.seq_len))
+    else:
+        from transformers import AutoTokenizer
+
+        lm = LoadedModel(lw.model, AutoTokenizer.from_pretrained(args.folder), args.folder)
+        windows = sample_windows(training_data(lm, cfg, DATA, "wikitext2", progress=False).windows, cfg.block_windows, cfg.seed)
     t = time.perf_counter()
-    res = train_blockwise(lw, cfg, windows, str(args.folder), progress=False, max_blocks=SCALE_BLOCKS)
+    res = train_blockwise(lw, cfg, windows, str(args.folder), progress=False, max_blocks=int(args.blocks))
     wall = time.perf_counter() - t
     blocks = [b.to_dict() for b in res.blocks]
     print(json.dumps({"layers": lw.layers, "steps": cfg.block_steps, "windows": cfg.block_windows, "seq_len": cfg.seq_len,
-                      "per_block": blocks, "capture_s": round(wall - sum(b["seconds"] for b in blocks), 1),
+                      "per_block": blocks, "setup_s": round(wall - sum(b["seconds"] for b in blocks), 1),
                       "threads": torch.get_num_threads()}))
 
 
@@ -256,10 +266,11 @@ def report_stage(args) -> None:
         if plan:
             lines += ["", f"The command's plan line: `{plan.strip()}`"]
         lines.append("")
-    scale = _load(OUT / "scale7b.json")
-    if scale:
-        out["scale7b"] = scale
-        lines += ["## 7B Llama shape (random bf16 checkpoint)", "", scale["summary"], ""]
+    for key in [*MODELS, "7b"]:
+        proj = _load(OUT / f"project_{key}.json")
+        if proj:
+            out.setdefault("projections", {})[key] = proj
+            lines += [f"## Projection: {proj['model']}", "", f"`python bench/blockwise.py project {key}`: {proj['summary']}", ""]
     _write(HERE / "results" / "blockwise.json", out)
     (HERE / "results" / "blockwise.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -276,13 +287,17 @@ def main() -> None:
     v.add_argument("model", choices=list(MODELS))
     v.add_argument("--threads", type=int, default=2)
     sub.add_parser("report")
-    sc = sub.add_parser("scale7b")
-    sc.add_argument("--work", default="/tmp/sasq-scale", help="where the random 7B checkpoint is made once (13.5 GB)")
-    ch = sub.add_parser("scale7b-child")
+    pr = sub.add_parser("project")
+    pr.add_argument("model", choices=[*MODELS, "7b"])
+    pr.add_argument("--blocks", type=int, default=3)
+    pr.add_argument("--work", default="/tmp/sasq-scale", help="where the random 7B checkpoint is made once (13.5 GB)")
+    ch = sub.add_parser("project-child")
     ch.add_argument("folder")
+    ch.add_argument("blocks")
+    ch.add_argument("data")
     args = p.parse_args()
-    {"export": export_stage, "eval": eval_stage, "report": report_stage, "scale7b": scale7b_stage,
-     "scale7b-child": scale7b_child}[args.stage](args)
+    {"export": export_stage, "eval": eval_stage, "report": report_stage, "project": project_stage,
+     "project-child": project_child}[args.stage](args)
 
 
 if __name__ == "__main__":

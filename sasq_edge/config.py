@@ -149,6 +149,6 @@ _LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, l
 # the whole model fits (bench/results/blockwise.md).
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": {**_LEARNED, "seq_len": 512, "blockwise": True, "block_steps": 10, "block_windows": 8, "train_steps": 0},
-    "default": {**_LEARNED, "seq_len": 512, "blockwise": True, "block_steps": 40, "block_windows": 16, "train_steps": 0},
+    "default": {**_LEARNED, "seq_len": 512, "blockwise": True, "block_steps": 20, "block_windows": 16, "train_steps": 0},
     "best": {**_LEARNED, "seq_len": 2048, "blockwise": True, "block_steps": 100, "block_windows": 32, "train_steps": 200},
 }

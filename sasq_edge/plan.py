@@ -112,3 +112,13 @@ def model_source(spec: str, folder: Path) -> str:
     through its converted folder), resolved, or the folder itself."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.suffix == ".gguf" and path.is_file() else str(Path(folder).resolve())
+
+
+def alpha_summary(state) -> str | None:
+    """``smooth alpha auto -> A (...)``: what the block-wise search chose, from the state's record."""
+    search = (state.training.get("blockwise") or {}).get("alpha_search")
+    if not search:
+        return None
+    alpha = state.method["smooth_alpha"]
+    tried = ", ".join(f"{float(a):g}: {kl:.4f}" for a, kl in search.items())
+    return f"smooth alpha auto -> {alpha:g} (mean KL from the float model on the search window: {tried})"

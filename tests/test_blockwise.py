@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from exporters import export_onnx
-from sasq_edge.blockwise import WholeModel, capture, relative_error, train_blockwise
+from sasq_edge.blockwise import ALPHAS, WholeModel, capture, relative_error, train_blockwise
 from sasq_edge.cli.validate import main as validate_main
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
@@ -69,7 +69,10 @@ def test_training_lowers_every_blocks_error(whole):
         assert b.trained_error < b.ptq_error, b.to_dict()
         assert len(b.losses) == CFG.block_steps
     rec = res.state.training["blockwise"]
-    assert rec["steps_per_block"] == CFG.block_steps and rec["blocks"] == 2 and len(rec["alphas"]) == 2
+    assert rec["steps_per_block"] == CFG.block_steps and rec["blocks"] == 2
+    # "auto" searched one strength for the model: the chosen one has the lowest KL of the tried ones
+    kl = {float(a): v for a, v in rec["alpha_search"].items()}
+    assert set(kl) == set(ALPHAS) and res.state.method["smooth_alpha"] == min(kl, key=kl.get)
 
 
 def test_whole_model_ends_as_apply_state_rebuilds_it(whole):

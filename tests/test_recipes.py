@@ -70,9 +70,9 @@ def test_command_line_runs_the_preset(name):
 
 def test_default_fits_the_cpu_budget():
     """The default budget stays the one measured on this 2-core CPU (bench/results/blockwise.md):
-    block by block on 16 windows of 512 tokens, 40 steps a block, no end-to-end steps."""
+    block by block on 16 windows of 512 tokens, 20 steps a block, no end-to-end steps."""
     cfg = QuantConfig.from_recipe("default")
-    assert (cfg.block_windows, cfg.seq_len, cfg.block_steps, cfg.train_steps) == (16, 512, 40, 0)
+    assert (cfg.block_windows, cfg.seq_len, cfg.block_steps, cfg.train_steps) == (16, 512, 20, 0)
     assert re.search(r"default.*minutes", README.read_text().split("### Recipes", 1)[1].split("\n#", 1)[0], re.S)
 
 

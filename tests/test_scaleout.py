@@ -22,7 +22,8 @@ from sasq_edge.errors import ConfigError
 from sasq_edge.models import tiny_random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--seq-len", "32", "--calib-batches", "2", "--train-steps", "3", "--lr", "0.05"]
+# end-to-end training (--no-blockwise): what data parallelism, bf16 and checkpointing apply to
+QUICK = ["--no-blockwise", "--seq-len", "32", "--calib-batches", "2", "--train-steps", "3", "--lr", "0.05"]
 
 
 def _scales(run: Path) -> dict[str, np.ndarray]:
@@ -151,7 +152,7 @@ def test_memory_estimate_of_large_models():
     """7B in float32 does not fit 24 GiB, in bf16 with checkpointing it does; more processes need more."""
     llama7b = _config(4096, 11008, 32, 32000)
     llama7b.tie_word_embeddings = False
-    q = QuantConfig.from_recipe("default")
+    q = QuantConfig.from_recipe("default", blockwise=False, block_steps=0, train_steps=100)  # end to end: the whole model
     fp32, bf16 = memory.estimate(llama7b, q), memory.estimate(llama7b, q, dtype="bfloat16", gradient_checkpointing=True)
     assert fp32.peak > 24 * memory.GIB and bf16.peak < fp32.peak / 2
     assert memory.Sizes.of(llama7b).params == pytest.approx(6.74e9, rel=0.01)  # Llama-2-7B's linears and embeddings

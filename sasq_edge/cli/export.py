@@ -61,13 +61,15 @@ def _export(argv: list[str] | None) -> int:
         if folder is not None:  # bigger than memory: one decoder layer at a time
             from transformers import AutoTokenizer
 
-            from sasq_edge.plan import block_progress, model_source
+            from sasq_edge.plan import alpha_summary, block_progress, model_source
 
             print(f"sasq-export: reading {folder} one decoder layer at a time", file=sys.stderr, flush=True)
             if state is None:
                 state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
                                       progress=not args.json, on_block=block_progress(quiet=args.json),
                                       source=model_source(args.model, folder))
+                if alpha_summary(state):
+                    print(alpha_summary(state), file=sys.stderr, flush=True)
             source = LayerwiseModel(folder, smooth=state.smooth, trust_remote_code=args.trust_remote_code)
             check_state_matches(source, state)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)

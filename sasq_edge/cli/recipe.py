@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
 from runtime.errors import ConfigError
 from runtime.profiles import AUTO, PROFILES, resolve_profile
 from sasq_edge.cli.common import float_in, int_at_least
@@ -195,11 +193,11 @@ def run(lm, args: argparse.Namespace, cfg: QuantConfig, group=None):
     if not group.is_main:
         return result
     print(record_summary(result.state.training["data"]), file=sys.stderr, flush=True)
-    blockwise = result.state.training.get("blockwise")
-    if blockwise and blockwise.get("alphas"):
-        alphas = blockwise["alphas"]
-        print(f"smooth alpha searched per block: {min(alphas):g}..{max(alphas):g} (median {np.median(alphas):g})",
-              file=sys.stderr, flush=True)
+    from sasq_edge.plan import alpha_summary
+
+    line = alpha_summary(result.state)
+    if line:
+        print(line, file=sys.stderr, flush=True)
     if result.alpha_search is not None:
         alpha = result.state.method["smooth_alpha"]
         print(f"smooth alpha auto -> {alpha} (validation PPL {result.alpha_search[alpha]:.3f})", file=sys.stderr, flush=True)

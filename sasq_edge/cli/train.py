@@ -57,11 +57,13 @@ def _train(argv: list[str] | None) -> int:
                 if group.world > 1:
                     raise ConfigError("layer-by-layer calibration runs in one process: start sasq-train without "
                                       "accelerate launch / torchrun")
-                from sasq_edge.plan import block_progress, model_source
+                from sasq_edge.plan import alpha_summary, block_progress, model_source
 
                 state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
                                       progress=not args.json, on_block=block_progress(quiet=args.json),
                                       source=model_source(args.model, folder))
+                if alpha_summary(state):
+                    print(alpha_summary(state), file=sys.stderr, flush=True)
                 state.save(args.run_dir)
                 how = "trained block by block" if cfg.blockwise else "calibrated"
                 emit(args, f"{how} {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
