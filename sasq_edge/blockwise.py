@@ -391,8 +391,7 @@ BlockCallback = Callable[[BlockRecord, int], None]
 
 def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarray, model_source: str, *,
                     progress: bool = True, on_block: BlockCallback | None = None,
-                    training: dict[str, Any] | None = None, max_blocks: int | None = None,
-                    on_alpha: Callable[[float, dict[float, float]], None] | None = None) -> BlockwiseResult:
+                    training: dict[str, Any] | None = None, max_blocks: int | None = None) -> BlockwiseResult:
     """The block-wise pass (module docstring) over the calibration ``windows`` ``(n, T)``; returns
     the state. With a ``WholeModel`` the model ends prepared, smoothed and calibrated, what
     ``apply_state`` makes of the state. ``on_block(record, total)`` runs after each block (the
@@ -415,8 +414,6 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
     if config.smooth_alpha == AUTO_ALPHA and spec.smooth:
         alpha, search_kl = search_alpha(source, config, x_q[:SEARCH_WINDOWS], calls, n_blocks, progress=progress)
         config = dataclasses.replace(config, smooth_alpha=alpha)
-        if on_alpha is not None:
-            on_alpha(alpha, search_kl)
     report = slice(0, min(REPORT_WINDOWS, x_q.shape[0]))
     calib = _calib_index(x_q.shape[0], config)
     scales, trunc, factors, rotation, digest, records = {}, {}, {}, {}, [], []
@@ -496,7 +493,6 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
     finally:
         bar.close()
     wall = time.perf_counter() - start
-    result_blocks = records
     record = {**(training or {}), "blockwise": {
         "blocks": n_blocks, "steps_per_block": config.block_steps, "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]), "calib_windows": int(len(calib)), "batch_size": config.batch_size,
@@ -508,7 +504,7 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
     state = ScaleState(config.profile, scales, model_fingerprint(model), model_source, trunc,
                        {k: v.numpy() for k, v in factors.items()}, config.embedding, config.to_dict(), record,
                        weights_digest(digest), rotation=rotation)
-    return BlockwiseResult(state, factors, result_blocks, wall, peak_rss_mb())
+    return BlockwiseResult(state, factors, records, wall, peak_rss_mb())
 
 
 class _Clock:

@@ -89,17 +89,17 @@ def block_progress(quiet: bool = False):
     """An ``on_block`` callback that prints one line a block (stderr): the block and the total,
     its seconds, the time left at the mean pace so far, and its reconstruction error."""
     import sys
-    import time
 
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
+    spent = []
 
     def show(rec, total: int) -> None:
+        spent.append(rec.seconds)
         if quiet:
             return
         done = rec.index + 1
-        left = (time.perf_counter() - start) / done * (total - done)
+        left = sum(spent) / len(spent) * (total - done)  # the blocks' own pace (the capture and search are done)
         alpha = "" if rec.alpha is None else f", alpha {rec.alpha:g}"
         tqdm.write(f"block {done}/{total}: {rec.seconds:.1f} s, about {left / 60:.1f} min left; reconstruction error "
                    f"{rec.trained_error:.3e} (calibrated {rec.ptq_error:.3e}){alpha}", file=sys.stderr)
