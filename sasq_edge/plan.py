@@ -108,10 +108,11 @@ def block_progress(quiet: bool = False):
 
 
 def model_source(spec: str, folder: Path) -> str:
-    """What a state trained on ``folder`` records as its model: the user's ``.gguf`` file (read
-    through its converted folder), resolved, or the folder itself."""
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.suffix == ".gguf" and path.is_file() else str(Path(folder).resolve())
+    """What a state trained on ``folder`` records as its model: the folder itself, also for a
+    ``.gguf`` file read through its converted folder (its config, saved from the GGUF metadata,
+    fingerprints differently from the one transformers parses from the file, while every tensor is
+    the same: ``sasq-validate`` rebuilds the twin from the folder)."""
+    return str(Path(folder).resolve())
 
 
 def alpha_summary(state) -> str | None:
