@@ -187,15 +187,18 @@ def project_stage(args) -> None:
         raise SystemExit(f"the child failed: {got['last_line']}")
     child = json.loads(got["last_line"])
     per_block = float(np.median([b["seconds"] for b in child["per_block"]]))
-    projected = child["setup_s"] + child["layers"] * per_block
+    # the setup (capture, the alpha search's sweep) ran over the measured blocks only: its share per
+    # block counts for every block (an upper bound: the capture is counted once a block too)
+    projected = child["layers"] * (per_block + child["setup_s"] / len(child["per_block"]))
     res = {"model": label, **child, "peak_rss_mb": got["peak_rss_mb"], "seconds_per_block_median": round(per_block, 1),
            "projected_pass_s": round(projected),
            "summary": (f"{label}: the block-wise pass of the default recipe ({child['steps']} steps a block on "
                        f"{child['windows']} windows of {child['seq_len']} tokens), read layer by layer, measured on its first "
-                       f"{len(child['per_block'])} of {child['layers']} blocks: peak RSS {got['peak_rss_mb'] / 1024:.2f} GB, "
+                       f"{len(child['per_block'])} of {child['layers']} blocks: peak RSS {got['peak_rss_mb'] / 1024:.2f} GiB, "
                        f"{per_block:.0f} s a block (median; phases of the last: {child['per_block'][-1]['phases']}), capture "
-                       f"and alpha search {child['setup_s']:.0f} s; the whole pass projected at {projected / 60:.0f} min on this "
-                       "CPU, before the export. On one GPU: not measured (no GPU was lent).")}
+                       f"and the alpha search's sweep over those blocks {child['setup_s']:.0f} s; the whole pass projected at "
+                       f"{projected / 60:.0f} min on this CPU (each block's share of that sweep included), before the GGUF "
+                       "conversion and the export. On one GPU: not measured (no GPU was lent).")}
     _write(OUT / f"project_{args.model}.json", res)
     print(res["summary"])
 
@@ -255,8 +258,10 @@ def report_stage(args) -> None:
                 r = ref.get(d, {}).get("ppl")
                 cells.append("—" if p is None else f"{p:.3f}" + ("" if row == "float" or r is None else f" ({p / r:.3f}x)"))
             flags = " ".join(ROWS[row]) or "(plain)"
+            if "--layerwise" in got.get("command", ""):
+                flags += " --layerwise` on the converted folder `"
             lines.append(f"| {LABELS.get(row, row)} | `{flags}` | {got['wall_s'] / 60:.1f} min | "
-                         f"{got['peak_rss_mb'] / 1024:.2f} GB | " + " | ".join(cells) + " |")
+                         f"{got['peak_rss_mb'] / 1024:.2f} GiB | " + " | ".join(cells) + " |")
         bw = rows.get("default", {}).get("blockwise")
         if bw:
             lines += ["", f"Block-wise pass: {bw['blocks']} blocks x {bw['steps_per_block']} steps on {bw['windows']} windows "
