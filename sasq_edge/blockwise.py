@@ -257,24 +257,10 @@ def _float_pass(model: nn.Module, block: nn.Module, groups: dict, x: torch.Tenso
     """The float block on every window of ``x`` (the float stream): its output, the target, and
     the per-input-channel ``max |x|`` of each smoothing group's input (SmoothQuant's statistic,
     read off the float model's own activations on the way)."""
-    from sasq_edge.smooth import group_input
+    from sasq_edge.smooth import recording_absmax
 
-    stats: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook(key):
-        def fn(_m, args):
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            stats[key] = torch.maximum(stats[key], a) if key in stats else a
-        return fn
-
-    try:
-        for key, g in groups.items():
-            handles.append(model.get_submodule(group_input(key, g)).register_forward_pre_hook(hook(key)))
+    with recording_absmax(model, groups) as stats:
         y = _run(block, x, call)
-    finally:
-        for h in handles:
-            h.remove()
     return y, stats
 
 

@@ -20,7 +20,8 @@ stored on the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -79,11 +80,11 @@ def group_input(key: str, g: SmoothGroup) -> str:
     return f"{_block(key, g)}.{g.linears[0]}"
 
 
-@torch.no_grad()
-def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: dict[str, SmoothGroup]) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max |x|`` of each group's input over ``batches`` (float model)."""
+@contextlib.contextmanager
+def recording_absmax(model: nn.Module, groups: dict[str, SmoothGroup]) -> Iterator[dict[str, torch.Tensor]]:
+    """While inside, every forward pass adds to the per-input-channel ``max |x|`` of each group's
+    input (the dict it yields, keyed like ``groups``); the hooks are removed on the way out."""
     stats: dict[str, torch.Tensor] = {}
-    handles = []
 
     def hook(key):
         def fn(_m, args):
@@ -91,15 +92,23 @@ def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: di
             stats[key] = torch.maximum(stats[key], x) if key in stats else x
         return fn
 
+    handles = []
     try:
         for key, g in groups.items():
             handles.append(model.get_submodule(group_input(key, g)).register_forward_pre_hook(hook(key)))
-        device = next(model.parameters()).device
-        for ids in tqdm(list(batches), desc="smooth stats", unit="batch"):
-            model(input_ids=ids.to(device))
+        yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: dict[str, SmoothGroup]) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` of each group's input over ``batches`` (float model)."""
+    with recording_absmax(model, groups) as stats:
+        device = next(model.parameters()).device
+        for ids in tqdm(list(batches), desc="smooth stats", unit="batch"):
+            model(input_ids=ids.to(device))
     missing = sorted(set(groups) - set(stats))
     if missing:
         raise ConfigError(f"{missing[0]} never ran during calibration: cannot compute its smoothing factors")
