@@ -49,6 +49,7 @@ from sasq_edge.smooth import (
     attach_learnable,
     fold_factors,
     fold_learnable,
+    recording_absmax,
     smooth_groups,
     smoothquant_factors,
     snapshot_keys,
@@ -257,8 +258,6 @@ def _float_pass(model: nn.Module, block: nn.Module, groups: dict, x: torch.Tenso
     """The float block on every window of ``x`` (the float stream): its output, the target, and
     the per-input-channel ``max |x|`` of each smoothing group's input (SmoothQuant's statistic,
     read off the float model's own activations on the way)."""
-    from sasq_edge.smooth import recording_absmax
-
     with recording_absmax(model, groups) as stats:
         y = _run(block, x, call)
     return y, stats
