@@ -69,13 +69,14 @@ def blockwise_plan(spec: str, cfg: QuantConfig, *, forced_layerwise: bool = Fals
             if too_big else "one block at a time is all the pass needs"
         skipped = f", no end-to-end steps (they need the whole model; {cfg.train_steps} asked)" if cfg.train_steps else ""
         return Plan(dataclasses.replace(cfg, train_steps=0), local,
-                    f"training block by block, one layer read at a time ({what}, about {one.peak / GIB:.1f} GiB){skipped}: {why}")
+                    f"training block by block, one layer read at a time ({what}; the pass needs about {one.peak / GIB:.1f} GiB, the "
+                    f"export more){skipped}: {why}")
     if check and budget is not None and whole.peak > budget:
         raise ConfigError(f"block-wise training of {spec} in memory needs about {whole.peak / GIB:.1f} GiB ({whole.summary()}), "
                           f"this machine has {free / GIB:.1f} GiB free: save it as a safetensors folder "
                           "(save_pretrained) and pass the folder, which is read one decoder layer at a time "
                           "(--no-memory-check trains anyway)")
-    line = f"training block by block ({what}, about {whole.peak / GIB:.1f} GiB{have})"
+    line = f"training block by block ({what}; the whole model and the pass need about {whole.peak / GIB:.1f} GiB{have})"
     if not cfg.train_steps:
         return Plan(cfg, None, line)
     e2e = memory.estimate(config, dataclasses.replace(cfg, smooth_alpha=None, smooth_learn=False))  # scales alone train
