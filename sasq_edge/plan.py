@@ -33,15 +33,16 @@ def _local_folder(spec: str) -> Path | None:
 
 
 def blockwise_plan(spec: str, cfg: QuantConfig, *, forced_layerwise: bool = False, trust_remote_code: bool = False,
-                   free: int | None = None, check: bool = True, whole_export: bool = False) -> Plan:
+                   free: int | None = None, check: bool = True, whole_export: bool = False, config=None) -> Plan:
     """The plan of a block-wise run of ``cfg`` on the model ``spec`` with ``free`` bytes of memory
     (``MemAvailable`` when None). A local safetensors folder is read one decoder layer at a time
     unless end-to-end steps follow (they need the whole model) or ``whole_export`` (an export only
     the whole model can write: the traced graph); otherwise, and for a hub id or a GGUF file, the
-    whole model loads when it fits. ``check=False`` (``--no-memory-check``) never refuses."""
+    whole model loads when it fits. ``check=False`` (``--no-memory-check``) never refuses.
+    ``config``: the model's transformers config, when the caller has read it already."""
     from sasq_edge.models import load_config
 
-    config = load_config(spec, trust_remote_code=trust_remote_code)
+    config = config if config is not None else load_config(spec, trust_remote_code=trust_remote_code)
     free = memory.host_available() if free is None else free
     budget = None if free is None else int(FIT_FRACTION * free)
     whole = memory.estimate_blockwise(config, cfg, whole=True)

@@ -53,7 +53,10 @@ def _export(argv: list[str] | None) -> int:
             state = state.with_profile(recipe.profile(args))
         cfg = None if state is not None or args.float else recipe.config(args)
         if cfg is not None and cfg.blockwise:  # block by block: the whole model in memory, or one layer at a time
-            chosen = recipe.plan(args, cfg, "sasq-export", whole_export=not fused_export(args, cfg))
+            from sasq_edge.models import load_config
+
+            config = load_config(args.model, trust_remote_code=args.trust_remote_code)  # once: a GGUF's metadata is slow to parse
+            chosen = recipe.plan(args, cfg, "sasq-export", whole_export=not fused_export(args, cfg, config), config=config)
             cfg, folder = chosen.config, chosen.layerwise
         else:
             training = state is None and cfg.train_steps > 0 if cfg is not None else False
@@ -88,15 +91,14 @@ def _export(argv: list[str] | None) -> int:
     return 0
 
 
-def fused_export(args, cfg) -> bool:
+def fused_export(args, cfg, config) -> bool:
     """Whether the export writes the fused CPU graph, which a model read one layer at a time can
     feed: a CPU profile, a family that has one, a KV cache, ``--graph`` auto or fused."""
     from exporters.fused import FUSED_FAMILIES
-    from sasq_edge.models import load_config
 
     if args.graph == "traced" or args.no_kv_cache or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head:
         return False
-    return load_config(args.model, trust_remote_code=args.trust_remote_code).model_type in FUSED_FAMILIES
+    return config.model_type in FUSED_FAMILIES
 
 
 main = entry("sasq-export", _export)

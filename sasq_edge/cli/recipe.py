@@ -159,14 +159,14 @@ def device(args: argparse.Namespace):
     return dev
 
 
-def plan(args: argparse.Namespace, cfg: QuantConfig, command: str, whole_export: bool = False):
+def plan(args: argparse.Namespace, cfg: QuantConfig, command: str, whole_export: bool = False, config=None):
     """The block-wise plan of ``cfg`` for ``--model`` (``sasq_edge.plan``), its line said on stderr.
     ``whole_export``: the export that follows needs the whole model (the traced graph)."""
     from sasq_edge.plan import blockwise_plan
 
     chosen = blockwise_plan(args.model, cfg, forced_layerwise=getattr(args, "layerwise", False),
                             trust_remote_code=args.trust_remote_code, check=not getattr(args, "no_memory_check", False),
-                            whole_export=whole_export)
+                            whole_export=whole_export, config=config)
     print(f"{command}: {chosen.line}", file=sys.stderr, flush=True)
     return chosen
 
