@@ -106,7 +106,7 @@ def detect_profile(cpuinfo: str | None = None, machine: str | None = None) -> tu
     if machine in ("aarch64", "arm64"):
         return "arm64", f"{machine} CPU"
     if machine in ("x86_64", "amd64", "i686", "x86"):
-        vnni = sorted(flags & {"avx_vnni", "avx512_vnni", "amx_int8"})
+        vnni = sorted(flags & set(VNNI_FLAGS))
         if vnni:
             return "cpu-vnni", f"x86 CPU with {', '.join(vnni)}"
         if "avx2" in flags:
@@ -115,6 +115,26 @@ def detect_profile(cpuinfo: str | None = None, machine: str | None = None) -> tu
             raise ConfigError(f"cannot read the CPU flags of this {machine} machine: pass --profile cpu-avx2 or cpu-vnni")
         raise ConfigError("this x86 CPU has no AVX2: no profile runs fast here; pass --profile cpu-avx2 to export anyway")
     raise ConfigError(f"no CPU profile for machine type {machine!r}: pass --profile {', '.join(PROFILES)}")
+
+
+VNNI_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")  # x86 flags of 32-bit-accumulating u8 x s8 dot products
+
+
+def inexact_here(profile: str, cpuinfo: str | None = None, machine: str | None = None) -> str | None:
+    """Why ONNX Runtime's integer kernels on this CPU do not compute ``profile``'s products exactly,
+    or None where they do. On x86 without VNNI the uint8 x int8 kernel adds pairs of products in
+    16 bits (vpmaddubsw), which saturates with weights beyond 7 bits (255 * 127 * 2 > 32767):
+    ``cpu-vnni`` and ``arm64`` exports compute other numbers there than their twin."""
+    prof = get_profile(profile)
+    machine, flags = cpu_features(cpuinfo, machine)
+    x86 = machine in ("x86_64", "amd64", "i686", "x86")
+    if not x86 or not flags or flags & set(VNNI_FLAGS) or prof.act.dtype != "uint8":
+        return None
+    if 2 * 255 * max(abs(prof.weight.qmin), prof.weight.qmax) <= 32767:
+        return None
+    return (f"profile {profile} needs VNNI: this x86 CPU has none, and ONNX Runtime's uint8 x int8 kernel here adds "
+            f"product pairs in 16 bits, which saturate with its 8-bit weights (the results are not the trained "
+            f"model's); export with --profile cpu-avx2 for this CPU, or run on one with AVX-VNNI/AVX512-VNNI")
 
 
 def resolve_profile(name: str) -> tuple[str, str | None]:

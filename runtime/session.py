@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from runtime.errors import RuntimeSetupError
 from runtime.folder import check_folder
 from runtime.graph import PAST_PREFIX, PRESENT_PREFIX
 from runtime.metadata import META_GRAPH, META_PROFILE, read_metadata, session_config
+from runtime.profiles import PROFILES, inexact_here
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -268,4 +270,18 @@ def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...]
             f"{path} is not a causal-LM graph: it needs inputs {', '.join(REQUIRED_INPUTS)} and output "
             f"{REQUIRED_OUTPUT} (it has {', '.join(sorted(inputs))} -> {', '.join(sorted(outputs))}); export it with sasq-export"
         )
+    why = cpu_mismatch(meta.get(META_PROFILE), sess.get_providers())
+    if why and str(path.resolve()) not in _WARNED:
+        _WARNED.add(str(path.resolve()))
+        print(f"sasq: warning: {path}: {why}", file=sys.stderr, flush=True)
     return LMSession(sess, path, sess.get_providers(), meta, _cache_spec(sess, path))
+
+
+_WARNED: set[str] = set()  # files warned about in this process (once each)
+
+
+def cpu_mismatch(profile: str | None, providers: list[str]) -> str | None:
+    """Why this CPU does not run the ``profile`` exactly where the CPU provider computes it, else None."""
+    if profile not in PROFILES or not providers or providers[0] != "CPUExecutionProvider":
+        return None
+    return inexact_here(profile)

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from bounds import HOST_PROFILE
 
 from exporters import export_onnx
 from sasq_edge.blockwise import ALPHAS, WholeModel, capture, relative_error, train_blockwise
@@ -25,7 +26,7 @@ from sasq_edge.state import apply_state
 WINDOWS = np.random.default_rng(0).integers(0, 257, (6, 64))
 # the default recipe's method (MSE start, SmoothQuant searched per block, learned factors, cosine,
 # rotation), on the tiny model's 64-token windows
-CFG = QuantConfig.from_recipe("default", profile="cpu-vnni", seq_len=64, blockwise=True, block_steps=30,
+CFG = QuantConfig.from_recipe("default", profile=HOST_PROFILE, seq_len=64, blockwise=True, block_steps=30,
                               block_windows=6, calib_batches=4, train_steps=0)
 
 

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from bounds import HOST_PROFILE
 
 from runtime.data import load_text, make_windows, tokenize
 from runtime.generate import Sampling, generate
@@ -42,7 +43,7 @@ def _last_json(out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """The tiny model calibrated and trained 2 steps, exported as cpu-vnni (the full install)."""
+    """The tiny model calibrated and trained 2 steps, exported for this CPU (the full install)."""
     from exporters import export_onnx
     from sasq_edge.config import QuantConfig
     from sasq_edge.models import tiny_random_llama
@@ -50,7 +51,7 @@ def folder(tmp_path_factory):
 
     lm = tiny_random_llama()
     windows = np.random.default_rng(3).integers(0, 257, (6, 64))
-    state = run_sasq(lm, QuantConfig(profile="cpu-vnni", seq_len=64, calib_batches=2, train_steps=2, lr=0.05),
+    state = run_sasq(lm, QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=2, lr=0.05),
                      windows=windows, progress=False).state
     res = export_onnx(lm.model, tmp_path_factory.mktemp("device") / "model.onnx", state=state, tokenizer=lm.tokenizer)
     return res.onnx, lm.tokenizer
@@ -116,7 +117,7 @@ def test_lint_without_torch(folder):
     res = _command("lint", [str(onnx_path), "--json"])
     assert res.returncode == 1, res.stderr  # a CPU profile: uint8 activations break TensorRT's int8 rule
     got = _last_json(res.stdout)
-    assert got["profile"] == "cpu-vnni" and set(got["tensorrt"]["by_rule"]) == {"int8-type"}
+    assert got["profile"] == HOST_PROFILE and set(got["tensorrt"]["by_rule"]) == {"int8-type"}
     assert got["fusion"]["passed"] and got["fusion"]["fused"] == got["fusion"]["target_layers"] == 14
     assert "export with --profile trt for TensorRT" in res.stdout
 
@@ -139,7 +140,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("sasq_edge", "exporte
     assert res.returncode == 0, res.stderr
     first, second = res.stdout.strip().splitlines()[-2:]
     profile, state_profile, n, fused, ppl = first.split()
-    assert (profile, state_profile, n, fused) == ("cpu-vnni", "cpu-vnni", "14", "True") and float(ppl) > 1
+    assert (profile, state_profile, n, fused) == (HOST_PROFILE, HOST_PROFILE, "14", "True") and float(ppl) > 1
     assert second == "[]"  # the runtime API pulled in nothing of the layers above it
 
 

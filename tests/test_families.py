@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from bounds import HOST_PROFILE
 from torch import nn
 
 from exporters import export_onnx
@@ -237,7 +238,7 @@ class Exported:
 
 # the traced graph (profile trt, standard ops) for every family; the fused CPU graph (profile
 # cpu-vnni, GroupQueryAttention and friends: exporters/fused.py) for the families it covers
-GRAPHS = {"traced": "trt", "fused": "cpu-vnni"}
+GRAPHS = {"traced": "trt", "fused": HOST_PROFILE}
 CASES = [(f, r, g) for f in FAMILIES for r in RECIPES for g in GRAPHS if g == "traced" or f.model_type in FUSED_FAMILIES]
 
 
@@ -306,6 +307,7 @@ def test_blockwise_pass_on_every_family(family):
     from sasq_edge.blockwise import WholeModel, train_blockwise
 
     lm = family.build()
+    # the grids of cpu-vnni and trt (8-bit weights); nothing here runs on ONNX Runtime
     cfg = QuantConfig.from_recipe("default", profile="cpu-vnni", seq_len=64, blockwise=True, block_steps=30,
                                   block_windows=6, calib_batches=4, train_steps=0)
     res = train_blockwise(WholeModel(lm.model), cfg, _windows(), lm.source, progress=False)

@@ -19,7 +19,7 @@ from runtime import open_session
 from runtime.fusion import INTEGER_KERNELS, check_fusion
 from runtime.graph import layer_of
 from runtime.grids import IntGrid
-from runtime.profiles import PROFILES, cpu_features, detect_profile, get_profile, resolve_profile
+from runtime.profiles import PROFILES, cpu_features, detect_profile, get_profile, inexact_here, resolve_profile
 from runtime.state import ScaleState
 from sasq_edge.calibrate import calibrate
 from sasq_edge.cli.export import main as export_main
@@ -113,6 +113,27 @@ def test_detect_profile_fails_naming_the_flag(machine, cpuinfo, message):
     with pytest.raises(ConfigError, match=message) as e:
         detect_profile(cpuinfo, machine)
     assert "--profile" in str(e.value)
+
+
+AVX2_ONLY = _cpuinfo(X86_BASE + " avx2 fma bmi2")
+VNNI = _cpuinfo(X86_BASE + " avx2 avx512f avx512bw avx512_vnni")
+ARM = _cpuinfo("fp asimd asimddp", key="Features")
+
+
+@pytest.mark.parametrize(("profile", "machine", "cpuinfo", "inexact"), [
+    ("cpu-vnni", "x86_64", AVX2_ONLY, True),  # 2 * 255 * 127 > 32767: the 16-bit pair sums saturate
+    ("arm64", "x86_64", AVX2_ONLY, True),  # the same grids as cpu-vnni
+    ("cpu-avx2", "x86_64", AVX2_ONLY, False),  # 2 * 255 * 64 = 32640: 7-bit weights cannot saturate
+    ("trt", "x86_64", AVX2_ONLY, False),  # int8 activations: the s8 x s8 kernel widens to 16 bits first
+    ("cpu-vnni", "x86_64", VNNI, False),
+    ("cpu-vnni", "x86_64", _cpuinfo(X86_BASE + " avx2 avx_vnni"), False),
+    ("cpu-vnni", "aarch64", ARM, False),
+])
+def test_inexact_here_names_the_saturating_kernel(profile, machine, cpuinfo, inexact):
+    why = inexact_here(profile, cpuinfo, machine)
+    assert (why is not None) == inexact
+    if inexact:
+        assert f"profile {profile} needs VNNI" in why and "--profile cpu-avx2" in why
 
 
 def test_unknown_machine_lists_every_profile():
@@ -248,8 +269,13 @@ def test_every_layer_runs_as_an_integer_kernel(exported):
     assert sum(report.op_counts.values()) == 14
 
 
-def test_onnx_runtime_equals_fake_quant(exported):
+def test_onnx_runtime_equals_fake_quant(exported, capsys):
     profile, lm, _, res, _ = exported
+    why = inexact_here(profile)
+    if why is not None:  # this CPU computes other numbers for this profile, and says so when the file opens
+        open_session(res.onnx)
+        assert why in capsys.readouterr().err
+        pytest.skip(f"exactness of {profile} is checked on a CPU that runs it: {why}")
     sess = open_session(res.onnx)
     assert sess.profile == profile
     assert json.loads(sess.metadata["sasq.session_options"]) == dict(get_profile(profile).session_options)
@@ -304,3 +330,11 @@ def test_export_refuses_scales_of_another_weight_grid(tmp_path, data_dir, capsys
     code = export_main([str(out), "--model", "tiny-random-llama", "--scales", str(run), "--profile", "cpu-avx2"])
     assert _one_error_line(capsys, code).endswith("retrain with sasq-train --profile cpu-avx2")
     assert not out.parent.exists()
+
+
+def test_cpu_mismatch_only_where_the_cpu_provider_computes():
+    from runtime.session import cpu_mismatch
+
+    assert cpu_mismatch(None, ["CPUExecutionProvider"]) is None  # a float model
+    assert cpu_mismatch("cpu-vnni", ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
+    assert cpu_mismatch("cpu-vnni", ["CPUExecutionProvider"]) == inexact_here("cpu-vnni")

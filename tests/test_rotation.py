@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import HOST_PROFILE, assert_matches_twin
 
 import exporters.passes as passes
 from exporters import export_onnx
@@ -126,17 +127,19 @@ def _trained(profile: str, **over):
 
 
 def _matches_twin(lm, onnx_path) -> None:
-    """ONNX Runtime's logits against the PyTorch twin's on 2 x 48 tokens: float noise only."""
+    """ONNX Runtime's logits against the PyTorch twin's on 2 x 48 tokens: float32 reordering noise,
+    and rounding-tie flips bounded by what quantization does (tests/bounds.py)."""
     ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         twin = lm.model(input_ids=ids).logits.numpy()
+        ref = tiny_random_llama().model(input_ids=ids).logits.numpy()
     out = open_session(onnx_path).logits(ids.numpy())
-    assert np.abs(out - twin).max() < 1e-3 and (out.argmax(-1) == twin.argmax(-1)).mean() > 0.99
+    assert_matches_twin(out, twin, ref, reduction=lm.model.config.intermediate_size)
 
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
-    lm, cfg, state = _trained("cpu-vnni")
+    lm, cfg, state = _trained(HOST_PROFILE)
     res = export_onnx(lm.model, tmp_path_factory.mktemp("rot") / "model.onnx", state=state, tokenizer=lm.tokenizer, graph="fused")
     return lm, state, res
 

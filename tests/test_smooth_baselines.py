@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from bounds import HOST_PROFILE
 
 from runtime.state import ScaleState
 from sasq_edge.baselines import METHODS, build_method, train_qat
@@ -158,7 +159,7 @@ def test_smoothed_export_matches_torch_on_onnx_runtime(tiny, windows, tmp_path):
     from sasq_edge.evaluate import iter_logits
 
     cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=3, lr=0.05, smooth_alpha=0.7, smooth_learn=True,
-                      profile="cpu-vnni")
+                      profile=HOST_PROFILE)
     state = run_sasq(tiny, cfg, windows=_np(windows), progress=False).state
     res = export_onnx(tiny.model, tmp_path / "model.onnx", state=state, tokenizer=tiny.tokenizer)
     test = _np(windows[:3])

@@ -93,7 +93,7 @@ def _validate(argv: list[str] | None) -> int:
     from runtime.folder import max_positions
     from runtime.fusion import check_fusion
     from runtime.metadata import session_options_problem
-    from runtime.session import open_session
+    from runtime.session import cpu_mismatch, open_session
     from runtime.sources import EVALUATION
     from runtime.state import ScaleState
     from sasq_edge.data import load_windows
@@ -115,6 +115,9 @@ def _validate(argv: list[str] | None) -> int:
     options_problem = session_options_problem(sess.metadata, path)
     print(f"session options {_verdict(options_problem is None)}: "
           + (options_problem or f"the ones profile {sess.profile} needs"), flush=True)
+    cpu_problem = cpu_mismatch(sess.profile, sess.providers)
+    print(f"this CPU {_verdict(cpu_problem is None)}: " + (cpu_problem or "its integer kernels compute the profile exactly"),
+          flush=True)
     state = ScaleState.load(path.parent)
     lm = load_model(args.model or state.model_source, trust_remote_code=args.trust_remote_code)
     apply_state(lm.model, state)
@@ -137,6 +140,7 @@ def _validate(argv: list[str] | None) -> int:
     rep = distribution_check(lm.model, sess, windows, thresholds)
     checks = {"fusion": None if fusion is None else fusion.passed,
               "session_options": options_problem is None,
+              "cpu": cpu_problem is None,
               "weights": None if layers is None else layers.weights.passed,
               "replay": None if layers is None else layers.replay.passed,
               "blocks": None if layers is None or not layers.blocks.mapped else layers.blocks.passed,
@@ -146,6 +150,7 @@ def _validate(argv: list[str] | None) -> int:
     result = {**rep.to_dict(), "bos": data.bos is not None, "data": data.record, "thresholds": thresholds.to_dict(),
               "fusion": None if fusion is None else fusion.to_dict(),
               "session_options": {"passed": options_problem is None, "problem": options_problem},
+              "cpu": {"passed": cpu_problem is None, "problem": cpu_problem},
               "weights": None if layers is None else layers.weights.to_dict(),
               "replay": None if layers is None else layers.replay.to_dict(),
               "blocks": None if layers is None else layers.blocks.to_dict(),
