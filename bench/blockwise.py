@@ -10,6 +10,8 @@ Rows, each the command a user types (``SASQ_DATA_DIR`` set to the offline WikiTe
 
 - ``default``: ``sasq-export OUT/model.onnx --model M``: wall time and peak RSS of the process
   (``os.wait4``'s ``ru_maxrss`` of that child alone);
+- ``wikitext``: ``--data wikitext2``: the default command calibrated on WikiText-2 alone, without
+  the default mix's text sampled from the float model;
 - ``calibration``: ``--no-blockwise --train-steps 0 --data wikitext2``: calibration only, what a
   model too big for end-to-end training got before block-wise training (for the GGUF models with
   ``--layerwise`` on their converted folder: PTQ one layer at a time, SmoothQuant alpha 0.5);
@@ -49,6 +51,7 @@ MODELS = {
 }
 ROWS = {
     "default": [],
+    "wikitext": ["--data", "wikitext2"],
     "calibration": ["--no-blockwise", "--train-steps", "0", "--data", "wikitext2"],
     "float": ["--float"],
 }
@@ -231,7 +234,8 @@ def project_child(args) -> None:
                       "threads": torch.get_num_threads()}))
 
 
-LABELS = {"default": "the default command (block-wise)", "calibration": "calibration only (no training)",
+LABELS = {"default": "the default command (block-wise)", "wikitext": "block-wise, calibrated on WikiText-2 alone",
+          "calibration": "calibration only (no training)",
           "float": "float export (reference)"}
 
 

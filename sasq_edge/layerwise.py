@@ -17,6 +17,7 @@ a GPU.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -416,23 +417,53 @@ def should_go_layerwise(spec: str, forced: bool, trust_remote_code: bool = False
     return None
 
 
+def wants_samples(data: str | None) -> bool:
+    """Whether the ``--data`` spec has a ``self`` source (text sampled from the float model)."""
+    from runtime.sources import parse_data_spec
+
+    return data is not None and any(s.kind == "self" for s in parse_data_spec(data).sources)
+
+
 def layerwise_data(data: str | None) -> str | None:
-    """``data`` for a layer-by-layer run, which never holds the whole float model, so it cannot
-    sample text from it: the default mix (``DEFAULT_CALIBRATION_SPEC``) falls back to WikiText-2
-    alone, said on stderr; any other spec with a ``self`` source is refused."""
+    """``data`` for a layer-by-layer run that cannot hold the whole float model even to sample text
+    from it: the default mix (``DEFAULT_CALIBRATION_SPEC``) falls back to WikiText-2 alone, said on
+    stderr; any other spec with a ``self`` source is refused."""
     import sys
 
-    from runtime.sources import DEFAULT_CALIBRATION_SPEC, DEFAULT_SPEC, parse_data_spec
+    from runtime.sources import DEFAULT_CALIBRATION_SPEC, DEFAULT_SPEC
     from sasq_edge.errors import ConfigError
 
-    if data is None or not any(s.kind == "self" for s in parse_data_spec(data).sources):
+    if not wants_samples(data):
         return data
     if data == DEFAULT_CALIBRATION_SPEC:
-        print(f"sasq: layer by layer there is no whole model to sample text from: calibrating on {DEFAULT_SPEC} "
+        print(f"sasq: the whole float model does not fit in memory to sample text from: calibrating on {DEFAULT_SPEC} "
               "instead of the default mix (--data chooses other text)", file=sys.stderr, flush=True)
         return DEFAULT_SPEC
-    raise ConfigError(f"--data {data}: self: samples text from the whole float model, which a layer-by-layer run never "
-                      "holds in memory: give text (a file, a hub dataset, wikitext2), or run on a machine it fits")
+    raise ConfigError(f"--data {data}: self: samples text from the whole float model, which does not fit in this machine's "
+                      "memory: give text (a file, a hub dataset, wikitext2), or run on a machine it fits")
+
+
+SAMPLER_FRACTION = 0.7  # the share of the free memory the float model may take to sample text (its KV cache and slack beside)
+
+
+def sampler_model(folder: Path, tokenizer, source: str, *, trust_remote_code: bool = False, free: int | None = None):
+    """The whole float32 model of ``folder`` as a ``LoadedModel``, loaded only to sample the ``self``
+    text of the calibration mix (the layer-by-layer pass then reads it one layer at a time again), or
+    None where its weights would take more than ``SAMPLER_FRACTION`` of the memory free."""
+    from transformers import AutoConfig
+
+    from sasq_edge import memory
+    from sasq_edge.models import LoadedModel
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    free = memory.host_available() if free is None else free
+    need = 4 * memory.Sizes.of(config).params
+    if free is not None and need > SAMPLER_FRACTION * free:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return LoadedModel(model.eval(), tokenizer, source)
 
 
 def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remote_code: bool = False,
@@ -455,11 +486,18 @@ def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remot
         raise ConfigError(f"{folder} does not fit in memory as a float32 model, and training its scales end to end needs the "
                           "whole model: train block by block (--blockwise, the default recipes), on a GPU "
                           "(sasq-train --device cuda), or calibrate only (--train-steps 0)")
-    data = layerwise_data(data)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    source = source or str(folder.resolve())
+    got, sampler = None, sampler_model(folder, tokenizer, source, trust_remote_code=trust_remote_code) \
+        if wants_samples(data) else None
+    if sampler is not None:  # the mix's sampled text, cached; the float model is let go before the pass
+        got = training_data(sampler, config, data_dir, data, progress=progress)
+        del sampler
+        gc.collect()
     lw = LayerwiseModel(folder, trust_remote_code=trust_remote_code)
-    lm = LoadedModel(lw.model, tokenizer, source or str(folder.resolve()))
-    got = training_data(lm, config, data_dir, data, progress=progress)
+    lm = LoadedModel(lw.model, tokenizer, source)
+    if got is None:
+        got = training_data(lm, config, data_dir, layerwise_data(data), progress=progress)
     if config.blockwise:
         from sasq_edge.blockwise import train_blockwise
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from bounds import HOST_PROFILE, assert_matches_twin
 from fingerprint import export_fingerprint
 
 from exporters import export_onnx
@@ -70,7 +71,7 @@ def test_checkpoint_reads_what_safetensors_reads(tmp_path, dtype):
                          ids=["plain", "smooth-learned", "int8-head"])
 def test_layer_by_layer_export_is_bit_identical(folder, tmp_path, options):
     lm = tiny_random_llama()
-    cfg = QuantConfig(profile="cpu-vnni", seq_len=64, calib_batches=2, train_steps=2, lr=0.05, **options)
+    cfg = QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, **options)
     state = run_sasq(lm, cfg, windows=WINDOWS, progress=False).state
     whole = export_onnx(lm.model, tmp_path / "whole" / "model.onnx", state=state, tokenizer=lm.tokenizer)
     source = LayerwiseModel(folder, smooth=state.smooth)
@@ -82,7 +83,7 @@ def test_layer_by_layer_export_is_bit_identical(folder, tmp_path, options):
 
 def test_layer_by_layer_export_refuses_other_weights(folder, tmp_path):
     lm = tiny_random_llama(seed=3)  # same architecture, other weights: the digest differs
-    state = run_sasq(lm, QuantConfig(profile="cpu-vnni", seq_len=64, calib_batches=2, train_steps=0), windows=WINDOWS,
+    state = run_sasq(lm, QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=0), windows=WINDOWS,
                      progress=False).state
     from exporters import ExportError
 
@@ -93,7 +94,7 @@ def test_layer_by_layer_export_refuses_other_weights(folder, tmp_path):
 
 @pytest.mark.parametrize("alpha", [None, 0.5])
 def test_layer_by_layer_calibration_matches_the_whole_model(folder, tmp_path, alpha):
-    cfg = QuantConfig(profile="cpu-vnni", seq_len=64, calib_batches=2, train_steps=0, calibration="mse", smooth_alpha=alpha)
+    cfg = QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=0, calibration="mse", smooth_alpha=alpha)
     calib = WINDOWS[:2]
     lm = tiny_random_llama()
     quantize_ptq(lm.model, cfg, calib)
@@ -109,20 +110,22 @@ def test_layer_by_layer_calibration_matches_the_whole_model(folder, tmp_path, al
     ids = torch.randint(0, 257, (1, 48), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = twin(input_ids=ids).logits.numpy()
-    assert np.abs(open_session(res.onnx, ["cpu"], 1).logits(ids.numpy()) - ref).max() < 1e-5  # measured 3.6e-7
+        flt = tiny_random_llama().model(input_ids=ids).logits.numpy()
+    out = open_session(res.onnx, ["cpu"], 1).logits(ids.numpy())
+    assert_matches_twin(out, ref, flt, reduction=lm.model.config.intermediate_size)
 
 
 def test_command_line_goes_layer_by_layer(folder, tmp_path, data_dir, capsys):
     out = tmp_path / "out" / "model.onnx"
     code = export_main([str(out), "--model", str(folder), "--layerwise", "--train-steps", "0", "--seq-len", "64",
-                        "--calib-batches", "2", "--smooth-alpha", "0.5", "--profile", "cpu-vnni", "--data-dir", str(data_dir),
+                        "--calib-batches", "2", "--smooth-alpha", "0.5", "--profile", HOST_PROFILE, "--data-dir", str(data_dir),
                         "--json"])
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "one decoder layer at a time" in cap.err
     recipe = json.loads((out.parent / "recipe.json").read_text())
     assert recipe["training"]["layerwise"] is True and recipe["method"]["smooth_alpha"] == 0.5
-    assert open_session(out).profile == "cpu-vnni"
+    assert open_session(out).profile == HOST_PROFILE
     # end-to-end training needs the whole model: refused with the reason, nothing written
     code = export_main([str(tmp_path / "o2" / "model.onnx"), "--model", str(folder), "--layerwise", "--no-blockwise",
                         "--train-steps", "3", "--seq-len", "64", "--data-dir", str(data_dir)])
@@ -136,21 +139,34 @@ def test_command_line_goes_layer_by_layer(folder, tmp_path, data_dir, capsys):
     assert recipe["method"]["train_steps"] == 0 and recipe["training"]["blockwise"]["steps_per_block"] == 2
 
 
-def test_layerwise_cannot_sample_text_from_the_model(folder, tmp_path, data_dir, capsys):
-    """Layer by layer there is no whole float model: the default mix falls back to WikiText-2 (and
-    says so); a spec with self-generated text is refused before the model loads."""
+def test_layerwise_samples_text_from_the_float_model_where_it_fits(folder, tmp_path, data_dir, capsys, monkeypatch):
+    """Layer by layer, the float model is loaded whole only to sample the mix's ``self`` text when
+    its weights fit (the same cached windows a whole-model run samples); where they do not, the
+    default mix falls back to WikiText-2 (and says so) and a spec with sampled text is refused
+    before any work."""
     from runtime.sources import DEFAULT_CALIBRATION_SPEC, DEFAULT_SPEC
+    from sasq_edge import memory
     from sasq_edge.errors import ConfigError
     from sasq_edge.layerwise import layerwise_data
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code = export_main([str(tmp_path / "out" / "model.onnx"), "--model", str(folder), "--layerwise", "--train-steps", "0",
+                        "--seq-len", "64", "--data", "0.5*wikitext2,0.5*self:4", "--data-dir", str(data_dir),
+                        "--calib-batches", "4"])
+    assert code == 0, capsys.readouterr().err
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert "self:4" in json.dumps(recipe["training"]["data"]) and recipe["training"]["layerwise"] is True
+    assert len(list((tmp_path / "cache" / "sasq-edge" / "selfgen").glob("*.npy"))) == 1  # sampled once, cached like a whole-model run's
+
     assert layerwise_data(DEFAULT_CALIBRATION_SPEC) == DEFAULT_SPEC
-    assert "no whole model to sample text from" in capsys.readouterr().err
+    assert "does not fit in memory to sample text from" in capsys.readouterr().err
     assert layerwise_data("wikitext2") == "wikitext2" and layerwise_data(None) is None
     with pytest.raises(ConfigError, match="self: samples text from the whole float model"):
         layerwise_data("0.5*wikitext2,0.5*self:8")
-    code = export_main([str(tmp_path / "out" / "model.onnx"), "--model", str(folder), "--layerwise", "--train-steps", "0",
-                        "--seq-len", "64", "--data", "self:4", "--data-dir", str(data_dir)])
-    assert code == 2 and "self: samples text" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    monkeypatch.setattr(memory, "host_available", lambda *a, **k: 1 << 16)  # 64 KiB free: the float model never fits
+    code = export_main([str(tmp_path / "o2" / "model.onnx"), "--model", str(folder), "--layerwise", "--train-steps", "0",
+                        "--seq-len", "64", "--data", "self:4", "--data-dir", str(data_dir), "--no-memory-check"])
+    assert code == 2 and "self: samples text" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
 def test_layerwise_needs_a_local_safetensors_folder(tmp_path):
