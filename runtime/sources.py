@@ -53,6 +53,13 @@ DEFAULT_SPEC = "wikitext2"
 # (bench/results/quality_smollm2.md: code and docs), ahead of WikiText alone and sampled text alone.
 DEFAULT_CALIBRATION_SPEC = "0.5*wikitext2,0.5*self:32"
 CALIBRATION, EVALUATION = "calibration", "evaluation"
+
+
+def default_spec_for(windows: int) -> str:
+    """The default mix for a run that reads only ``windows`` windows of it (the block-wise pass read
+    layer by layer): the same halves, with only as many sampled sequences as its half takes
+    (sampling them is most of the data's cost)."""
+    return f"0.5*wikitext2,0.5*self:{max(1, math.ceil(windows / 2))}"
 TEXT_SUFFIXES, JSON_SUFFIXES, PARQUET_SUFFIXES = (".txt",), (".jsonl", ".json"), (".parquet",)
 FOLDER_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 CHAT_PAIRS = (("prompt", "response"), ("prompt", "completion"), ("instruction", "output"), ("question", "answer"))
@@ -558,6 +565,6 @@ def load_windows(spec: DataSpec | str, tokenizer, seq_len: int, role: str, *, bo
 
 
 __all__ = ["CALIBRATION", "DATA_DIR_ENV", "DEFAULT_CALIBRATION_SPEC",
-           "DEFAULT_SPEC", "EVALUATION", "DataSpec", "Documents", "Source", "WindowSet",
+           "DEFAULT_SPEC", "EVALUATION", "default_spec_for", "DataSpec", "Documents", "Source", "WindowSet",
            "interleave", "load_windows", "mix_counts", "mix_windows", "parse_data_spec", "read_source", "record_summary",
            "record_text"]

@@ -478,6 +478,7 @@ def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remot
     from transformers import AutoTokenizer
 
     from runtime.data import sample_windows
+    from runtime.sources import DEFAULT_CALIBRATION_SPEC, default_spec_for
     from sasq_edge.errors import ConfigError
     from sasq_edge.models import LoadedModel
     from sasq_edge.pipeline import training_data
@@ -491,6 +492,8 @@ def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remot
     got, sampler = None, sampler_model(folder, tokenizer, source, trust_remote_code=trust_remote_code) \
         if wants_samples(data) else None
     if sampler is not None:  # the mix's sampled text, cached; the float model is let go before the pass
+        if config.blockwise and data == DEFAULT_CALIBRATION_SPEC:  # the pass reads block_windows windows of it
+            data = default_spec_for(config.block_windows)
         got = training_data(sampler, config, data_dir, data, progress=progress)
         del sampler
         gc.collect()

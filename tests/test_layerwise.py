@@ -157,6 +157,12 @@ def test_layerwise_samples_text_from_the_float_model_where_it_fits(folder, tmp_p
     recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
     assert "self:4" in json.dumps(recipe["training"]["data"]) and recipe["training"]["layerwise"] is True
     assert len(list((tmp_path / "cache" / "sasq-edge" / "selfgen").glob("*.npy"))) == 1  # sampled once, cached like a whole-model run's
+    # the default mix, block by block: only as many sampled sequences as the pass reads
+    code = export_main([str(tmp_path / "o1" / "model.onnx"), "--model", str(folder), "--layerwise", "--seq-len", "64",
+                        "--data-dir", str(data_dir), "--block-windows", "4", "--block-steps", "1"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "o1" / "recipe.json").read_text())["training"]["data"]
+    assert "self:2" in json.dumps(data) and "wikitext2" in json.dumps(data), data
 
     assert layerwise_data(DEFAULT_CALIBRATION_SPEC) == DEFAULT_SPEC
     assert "does not fit in memory to sample text from" in capsys.readouterr().err
