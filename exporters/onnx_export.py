@@ -114,6 +114,18 @@ def _fused_bytes(model) -> int:
     return int(model.parameter_bytes_fp32())
 
 
+def _need_bytes(model, state: ScaleState | None, kind: str, proto) -> int | None:
+    """About the bytes the export's files take (the space checked before writing): the traced
+    graph's initializers; for the fused graph every parameter in float32 except the quantized
+    linears' weights (INT8). None where the model is read layer by layer (not known up front)."""
+    if proto is not None:
+        return _initializer_bytes(proto)
+    if not isinstance(model, nn.Module):
+        return None
+    targets = set(state.scales) if state is not None else set()
+    return sum(p.numel() * (1 if name.removesuffix(".weight") in targets else 4) for name, p in model.named_parameters())
+
+
 def _export_args(model: nn.Module, kv_cache: bool):
     """Example inputs, names and dynamic axes. Batch 2 and lengths > 1: a size-1 example would
     specialise that axis."""
@@ -228,12 +240,25 @@ def resolve_graph(graph: str, model: nn.Module, state: ScaleState | None, kv_cac
     return "traced"
 
 
-def output_folder(out_path: str | os.PathLike) -> OutputFolder:
+def other_exports(out_path: Path) -> list[str]:
+    """The ONNX files in ``out_path``'s folder other than ``out_path`` itself: another export's."""
+    folder = out_path.parent
+    return sorted(p.name for p in folder.glob("*.onnx") if p.name != out_path.name) if folder.is_dir() else []
+
+
+def output_folder(out_path: str | os.PathLike, *, overwrite: bool = False, need: int | None = None) -> OutputFolder:
     """The export folder of ``out_path`` as one unit: lock it (``.lock()``) before a long run so a
-    second run fails at once, then write it (``with``)."""
+    second run fails at once, then write it (``with``). One export per folder: a folder that holds
+    another export is refused (its config, tokenizer and scale files would no longer be its own),
+    or with ``overwrite`` that export's files are replaced."""
     out_path = Path(out_path)
+    others = other_exports(out_path)
+    if others and not overwrite:
+        raise ExportError(f"{out_path.parent} holds another export ({', '.join(others)}), whose recipe.json, scales and "
+                          f"tokenizer files {out_path.name} would replace: write {out_path.name} into a folder of its own, "
+                          f"or pass --overwrite to replace that export")
     return OutputFolder(out_path.parent, own_files=(*COMPANION_FILES, out_path.name, out_path.name + ".data"),
-                        last=out_path.name)
+                        last=out_path.name, need=need, remove=[n for o in others for n in (o, o + ".data")])
 
 
 class _Stages:
@@ -263,6 +288,7 @@ def export_onnx(
     kv_cache: bool = True,
     progress: bool = False,
     graph: str = "auto",
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``out_path`` (``.../model.onnx``) and, beside it, ``config.json``, the tokenizer files
     and (for a quantized model) the scale state, so the folder alone can be evaluated and
@@ -273,10 +299,11 @@ def export_onnx(
     ``graph``: ``fused`` writes the CPU profiles' fused graph (``exporters.fused``), ``traced``
     the dynamo trace (standard ops: TensorRT and every family), ``auto`` (the default) the fused
     graph where the profile runs on ONNX Runtime's CPU kernels and the family has one.
+    ``overwrite``: replace another export in the same folder (refused otherwise).
 
-    The folder is written as one unit (``runtime.io.OutputFolder``): every file is staged beside
+    The folder is written as one unit (``runtime.io.OutputFolder``): every file is staged inside
     it and put in place only when all are written and the ONNX file passed ``onnx.checker``, so a
-    failed or killed export leaves the previous folder as it was. The ONNX metadata records a
+    failed export (a full disk included) leaves the previous files as they were. The ONNX metadata records a
     digest of each file beside it (``sasq.files``), which every command checks before use.
     """
     out_path = Path(out_path)
@@ -296,7 +323,7 @@ def export_onnx(
     if state is not None:
         props = {**deploy_metadata(state.deploy, __version__), META_GRAPH: kind}
     data_name = out_path.name + ".data"
-    with output_folder(out_path) as stage:
+    with output_folder(out_path, overwrite=overwrite, need=_need_bytes(model, state, kind, proto)) as stage:
         streamed = False
         if kind == "fused":
             streamed = _fused_bytes(model) > EXTERNAL_DATA_THRESHOLD

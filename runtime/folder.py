@@ -8,28 +8,21 @@ copied in from another run), naming the file."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from runtime.errors import RuntimeSetupError
-from runtime.metadata import META_FILES
+from runtime.io import file_digest, parse_json
+from runtime.metadata import META_FILES, META_PROFILE
 
 CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE = "config.json", "tokenizer.json", "generation_config.json"
 # every file an export may write beside the ONNX file (and the engine cache TensorRT adds there)
 COMPANION_FILES = (CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "recipe.json", "scales.safetensors", "genai_config.json", "trt_cache")
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:32]
+QUANTIZED_FILES = ("recipe.json", "scales.safetensors")  # what only a quantized export writes beside the model
 
 
 def manifest(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
@@ -46,11 +39,17 @@ def check_folder(onnx_path: str | os.PathLike, meta: dict[str, str]) -> None:
         return
     path = Path(onnx_path)
     try:
-        files = json.loads(meta[META_FILES])
+        files = parse_json(meta[META_FILES])
     except json.JSONDecodeError:
         files = None
     if not isinstance(files, dict):
         raise RuntimeSetupError(f"{path}: metadata {META_FILES} is damaged: re-export the folder with sasq-export")
+    if META_PROFILE not in meta:  # a float model: a quantized export's state beside it is not its own
+        foreign = [n for n in QUANTIZED_FILES if n not in files and (path.parent / n).is_file()]
+        if foreign:
+            raise RuntimeSetupError(f"{path} is a float model, but its folder holds a quantized export's {' and '.join(foreign)}: "
+                                    "it is not that export (copied over it?); re-export the folder with sasq-export, or keep "
+                                    "the float model in a folder of its own")
     for name, digest in sorted(files.items()):
         f = path.parent / name
         if not f.is_file():
@@ -66,7 +65,7 @@ def folder_config(onnx_path: str | os.PathLike) -> dict:
     if not cfg.is_file():
         return {}
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
+        data = parse_json(cfg.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         data = None
     if not isinstance(data, dict):
@@ -119,7 +118,7 @@ def tokenizer_config(folder: str | os.PathLike, override: str | None = None) -> 
     if path is None or not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RuntimeSetupError(f"{path} is not valid JSON: re-export the folder with sasq-export, or fix the file") from None
     return data if isinstance(data, dict) else {}
@@ -132,7 +131,7 @@ def eos_ids(onnx_path: str | os.PathLike) -> tuple[int, ...]:
     gen = folder / GENERATION_FILE
     if gen.is_file():
         try:
-            data = json.loads(gen.read_text(encoding="utf-8"))
+            data = parse_json(gen.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RuntimeSetupError(f"{gen} is not valid JSON: re-export the folder with sasq-export") from None
         if isinstance(data, dict):

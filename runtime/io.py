@@ -1,22 +1,20 @@
 """Writing outputs so that a failure never leaves a half-written or mixed one behind.
 
 ``atomic_path`` replaces one file atomically. ``OutputFolder`` writes a whole folder of files (an
-export or a training run) as one unit: every file goes into a staging folder beside the target,
-and only when all are written does the staging folder take the target's place, in one
-``rename``. A failed or killed run leaves the previous folder exactly as it was, plus at most one
-clearly named staging folder, which the next run removes (and says so). A lock file keeps two runs
-from writing the same folder at once.
-
-Where the target cannot be swapped as a whole (it is the working directory, or it holds files
-this tool did not write), the files are staged the same way and then moved in one by one, the
-ONNX file last; a folder left half-replaced by a kill is then caught by the file digests the ONNX
-file records (``runtime.folder.check_folder``).
+export or a training run) as one unit: every file goes into a hidden staging folder inside the
+target, and only when all are written are they renamed into place one by one, the file that
+records the others' digests last (the ONNX file; a run's ``recipe.json``). The target itself is
+never renamed: it may be a mount point or a symbolic link. A failed run, a full disk or a kill
+before the renames leaves the previous files exactly as they were, plus at most one clearly named
+staging folder, which the next run removes (and says so); a kill between two renames leaves a
+folder whose digests no longer match, which every reader refuses (``runtime.folder.check_folder``,
+``runtime.state.ScaleState.load``) until the next run. A lock file keeps two runs from writing
+the same folder at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import shutil
@@ -29,7 +27,7 @@ from pathlib import Path
 
 from runtime.errors import SasqError
 
-STAGE_TAG, OLD_TAG, LOCK_TAG = ".sasq-stage-", ".sasq-old-", ".sasq-lock"
+STAGE_TAG, LOCK_TAG = ".sasq-stage-", ".sasq-lock"
 KILL_ENV = "SASQ_TEST_KILL_AT"  # tests: SIGKILL this process at the named checkpoint
 PAUSE_ENV = "SASQ_TEST_PAUSE_AT"  # tests: "stage:seconds", sleep there (holding whatever is held)
 
@@ -74,35 +72,35 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (32 hex digits): what a folder's manifest records of each file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
+
+
+def parse_json(text: str | bytes):
+    """``json.loads`` for a file a user hands us: a value nested deeper than the parser's recursion
+    allows is a ``json.JSONDecodeError`` like any other malformed text (which callers turn into
+    their one-line error), not a ``RecursionError``."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested deeper than the JSON parser allows", text if isinstance(text, str) else "", 0) from None
+
+
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 # --- a folder as one unit ----------------------------------------------------------------------
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where
-    the platform or file system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
 
 
 class FolderBusyError(SasqError):
@@ -116,7 +114,8 @@ _HELD: dict[str, list[int]] = {}  # lock file -> [fd, holders in this process]
 def folder_lock(lock: Path, folder: Path) -> Iterator[None]:
     """Hold ``lock`` (an flock, dropped by the kernel even when the process is killed) for
     writing ``folder``; re-entrant within one process, so a command can lock its output folder
-    before a long training run and the writer below it locks it again."""
+    before a long training run and the writer below it locks it again. The last holder removes
+    the lock file (still holding it); a run that locked a file removed meanwhile tries again."""
     import fcntl
 
     key = str(lock.absolute())
@@ -124,13 +123,23 @@ def folder_lock(lock: Path, folder: Path) -> Iterator[None]:
         _HELD[key][1] += 1
     else:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FolderBusyError(f"another sasq run is writing {folder} (it holds {lock}): wait for it to finish, "
-                                  "or write elsewhere") from None
+        for _ in range(3):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FolderBusyError(f"another sasq run is writing {folder} (it holds {lock}): wait for it to finish, "
+                                      "or write elsewhere") from None
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was removed by the run that held it: lock the new one
+        else:
+            raise FolderBusyError(f"another sasq run is writing {folder}: wait for it to finish, or write elsewhere")
         _HELD[key] = [fd, 1]
     try:
         yield
@@ -139,7 +148,9 @@ def folder_lock(lock: Path, folder: Path) -> Iterator[None]:
         held[1] -= 1
         if held[1] == 0:
             del _HELD[key]
-            os.close(held[0])  # closing drops the flock; the empty lock file stays for the next run
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(held[0])  # closing drops the flock
 
 
 def preflight(folder: str | os.PathLike) -> None:
@@ -165,92 +176,112 @@ def preflight(folder: str | os.PathLike) -> None:
         raise SasqError(f"no permission to write in {existing}: check its permissions, or write elsewhere")
 
 
+def device_of(path: Path) -> Path:
+    """The mount point of the file system ``path`` (or its nearest existing parent) is on."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int | None:
+    """The bytes an unprivileged user may still write on ``path``'s file system."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+class NoSpaceError(SasqError):
+    """The output does not fit on its file system (the previous output is left as it was)."""
+
+
+def no_space(folder: Path, need: int) -> NoSpaceError:
+    free = free_bytes(folder)
+    have = "" if free is None else f", {free / 1e6:.1f} MB free"
+    return NoSpaceError(f"no space left on {device_of(folder)} (writing {folder}): {need / 1e6:.1f} MB needed{have}; "
+                        "the previous files there are as they were: free some space or write elsewhere")
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 class OutputFolder:
     """Write the files of one output into ``folder`` as a unit (see the module docstring).
 
-    ``own_files`` names the files a previous run of the same kind may have left in ``folder``;
-    a folder holding anything else is not swapped as a whole but filled file by file. ``last`` is
-    the file moved in last in that mode (the ONNX file, whose digests tie the others to it).
-    Messages about stale staging folders go to ``report`` (stderr by default).
+    Every file is written into a hidden staging folder *inside* ``folder``, and only when all are
+    written are they renamed into place one by one, ``last`` (the ONNX file, whose digests tie the
+    others to it) last; files of a previous output (``own_files``) that this one does not write are
+    removed after it. The folder itself is never renamed, so it may be a mount point (a USB stick, a
+    Docker or Kubernetes volume) or a symbolic link, which stays a link. ``remove`` names files of
+    another output to delete with the commit (``--overwrite``). ``need``: the bytes the output will
+    take, checked against the space free before anything is written. Messages about stale staging
+    folders go to ``report`` (stderr by default).
     """
 
     def __init__(self, folder: str | os.PathLike, own_files: Iterable[str] = (), last: str | None = None,
-                 report=None) -> None:
+                 report=None, need: int | None = None, remove: Iterable[str] = ()) -> None:
         self.folder = Path(folder).absolute()
         self.own = set(own_files)
         self.last = last
+        self.need = need
+        self.remove = set(remove)
         self.report = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.stage: Path | None = None
-        self.whole = True
         self._lock: contextlib.ExitStack | None = None
+        self._created = False
         self.removed: list[str] = []
 
-    # --- mode and lock ---------------------------------------------------------------------
+    # --- lock --------------------------------------------------------------------------------
 
-    def _swappable(self) -> bool:
-        """Whether the folder can be replaced as a whole: not the working directory or above it,
-        and holding nothing but files of a previous output (and our own hidden leftovers)."""
-        try:
-            cwd = Path.cwd().resolve()
-        except OSError:
-            cwd = None
-        real = self.folder.resolve()
-        if cwd is not None and (cwd == real or real in cwd.parents):
-            return False
-        if not self.folder.exists():
-            return True
-        if not self.folder.is_dir():
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The folder's lock (``FOLDER/.sasq-lock``), to hold around a whole command (``with
+        unit.lock(): ... with unit: ...``). It creates the folder, and removes it again where the
+        command wrote nothing into it."""
+        if self.folder.exists() and not self.folder.is_dir():
             raise SasqError(f"{self.folder} is a file, not a folder: choose another output path")
-        entries = [p.name for p in self.folder.iterdir()]
-        return all(name in self.own or name.startswith(".") and (STAGE_TAG in name or LOCK_TAG in name)
-                   for name in entries)
-
-    def lock(self) -> contextlib.AbstractContextManager:
-        """The folder's lock, to hold around a whole command (``with unit.lock(): ... with unit: ...``)."""
-        self.whole = self._swappable()
-        path = (self.folder.parent / f".{self.folder.name}{LOCK_TAG}") if self.whole else (self.folder / LOCK_TAG)
-        return folder_lock(path, self.folder)
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            self._created = True
+        try:
+            with folder_lock(self.folder / LOCK_TAG, self.folder):
+                yield
+        finally:
+            if self._created and self.folder.is_dir() and not any(self.folder.iterdir()):
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
 
     def _clean_stale(self) -> None:
-        """Remove the staging folders a killed run left (we hold the lock, so none is in use);
-        put back a previous folder a killed swap left aside."""
-        if self.whole:
-            base, stage, old = self.folder.parent, f".{self.folder.name}{STAGE_TAG}", f".{self.folder.name}{OLD_TAG}"
-        else:
-            base, stage, old = self.folder, STAGE_TAG, None
-        if not base.is_dir():
-            return
-        for p in sorted(base.iterdir()):
-            if not p.is_dir():
-                continue
-            if p.name.startswith(stage):
+        """Remove the staging folders a killed run left (we hold the lock, so none is in use)."""
+        for p in sorted(self.folder.iterdir()):
+            if p.is_dir() and not p.is_symlink() and p.name.startswith(STAGE_TAG):
                 shutil.rmtree(p, ignore_errors=True)
                 self.removed.append(p.name)
                 self.report(f"removed {p} (left by a run that did not finish)")
-            elif old is not None and p.name.startswith(old):
-                if not self.folder.exists():
-                    os.rename(p, self.folder)
-                    self.report(f"restored {self.folder} from {p.name} (a run was killed while replacing it)")
-                else:
-                    shutil.rmtree(p, ignore_errors=True)
-                    self.removed.append(p.name)
-                    self.report(f"removed {p} (left by a run that did not finish)")
 
     # --- the unit --------------------------------------------------------------------------
 
     def __enter__(self) -> Path:
-        """Lock, clean up after killed runs, and return the staging folder to write every file into."""
+        """Lock, clean up after killed runs, check the space, and return the staging folder to
+        write every file into."""
         preflight(self.folder)
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(self.lock())
         try:
             self._clean_stale()
-            if self.whole:
-                self.folder.parent.mkdir(parents=True, exist_ok=True)
-                stage = tempfile.mkdtemp(prefix=f".{self.folder.name}{STAGE_TAG}", dir=self.folder.parent)
-            else:
-                stage = tempfile.mkdtemp(prefix=STAGE_TAG, dir=self.folder)
-            self.stage = Path(stage)
+            free = free_bytes(self.folder)
+            if self.need is not None and free is not None and self.need > free:
+                raise no_space(self.folder, self.need)
+            self.stage = Path(tempfile.mkdtemp(prefix=STAGE_TAG, dir=self.folder))
             normal_mode(self.stage, directory=True)
         except BaseException:
             self._lock.close()
@@ -261,6 +292,9 @@ class OutputFolder:
         try:
             if exc_type is None:
                 self._commit()
+            elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and self.stage is not None:
+                staged = _tree_bytes(self.stage) if self.stage.exists() else 0
+                raise no_space(self.folder, max(self.need or 0, staged)) from None
         finally:
             if self.stage is not None and self.stage.exists():
                 shutil.rmtree(self.stage, ignore_errors=True)
@@ -272,24 +306,23 @@ class OutputFolder:
         for p in self.stage.rglob("*"):
             normal_mode(p, directory=p.is_dir())
         checkpoint("commit")
-        if self.whole:
-            if not self.folder.exists():
-                os.rename(self.stage, self.folder)
-            elif _exchange(self.stage, self.folder):
-                pass  # self.stage now holds the previous folder, removed in __exit__
-            else:
-                old = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}{OLD_TAG}", dir=self.folder.parent))
-                os.rmdir(old)
-                os.rename(self.folder, old)
-                os.rename(self.stage, self.folder)
-                shutil.rmtree(old, ignore_errors=True)
-            return
         names = sorted(p.name for p in self.stage.iterdir())
         if self.last in names:
             names.remove(self.last)
             names.append(self.last)
         for name in names:
             dst = self.folder / name
-            if dst.is_dir() and not (self.stage / name).is_dir():
+            if dst.is_dir() and not dst.is_symlink() and not (self.stage / name).is_dir():
                 raise SasqError(f"{dst} is a folder: remove it or write elsewhere")
+            if (self.stage / name).is_dir() and dst.exists():  # a folder of the output (a TensorRT cache)
+                shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
             os.replace(self.stage / name, dst)
+            if name == names[len(names) // 2]:
+                checkpoint("commit-half")
+        # what a previous output of this kind left and this one did not write, and what --overwrite replaces
+        for name in sorted((self.own - set(names)) | self.remove):
+            old = self.folder / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.exists() or old.is_symlink():
+                old.unlink()

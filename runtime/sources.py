@@ -45,6 +45,7 @@ import numpy as np
 
 from runtime.data import DATA_DIR_ENV, SPLITS, load_text, make_windows, read_text_file, resolve_data_dir, tokenize
 from runtime.errors import DataError
+from runtime.io import parse_json
 
 DEFAULT_SPEC = "wikitext2"
 # What sasq-export and sasq-train calibrate and train on when no --data is given: half WikiText-2
@@ -302,7 +303,7 @@ def _json_table(path: Path) -> _Table:
     text = read_text_file(path)
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = parse_json(text)
         except json.JSONDecodeError:
             data = None  # not one JSON value: read it as JSON lines
         if isinstance(data, dict):
@@ -317,7 +318,7 @@ def _json_table(path: Path) -> _Table:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError as e:
             raise DataError(f"line {i} of {path} is not valid JSON ({e.msg}): a .jsonl file holds one JSON object a line") from None
         if not isinstance(row, dict):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ConfigError, StateError
-from runtime.io import OutputFolder, atomic_path, atomic_write_text, checkpoint
+from runtime.io import OutputFolder, atomic_path, atomic_write_text, checkpoint, file_digest, parse_json
 from runtime.profiles import DeployProfile, get_profile
 
 FORMAT = "sasq-scale-state"
@@ -35,7 +35,8 @@ SCALES_FILE = "scales.safetensors"
 RECIPE_FILE = "recipe.json"
 EMBEDDINGS = ("float", "int8")
 _SCALE, _TRUNC, _SMOOTH = ".act_scale", ".act_trunc", ".smooth"
-_KEYS = {"format", "version", "sasq_version", "deploy", "model", "modules", "smooth", "method", "training", "weights"}
+_KEYS = {"format", "version", "sasq_version", "deploy", "model", "modules", "smooth", "method", "training", "weights",
+         "files", "digest"}
 _DEPLOY_KEYS = {"profile", "embedding", "act", "weight", "rotation"}
 _MODEL_KEYS = {"source", "fingerprint"}
 
@@ -167,14 +168,15 @@ class ScaleState:
         folder = Path(folder)
         with atomic_path(folder / SCALES_FILE) as tmp:
             save_file(self.tensors(), str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        atomic_write_text(folder / RECIPE_FILE, json.dumps(self.recipe(), indent=2) + "\n")
+        recipe = {**self.recipe(), "files": {SCALES_FILE: file_digest(folder / SCALES_FILE)}}
+        atomic_write_text(folder / RECIPE_FILE, json.dumps({**recipe, "digest": recipe_digest(recipe)}, indent=2) + "\n")
         return [SCALES_FILE, RECIPE_FILE]
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write the run folder as one unit (``runtime.io.OutputFolder``): a failed or killed save
         leaves the previous folder as it was."""
         run_dir = Path(run_dir)
-        with OutputFolder(run_dir, own_files=(SCALES_FILE, RECIPE_FILE)) as stage:
+        with OutputFolder(run_dir, own_files=(SCALES_FILE, RECIPE_FILE), last=RECIPE_FILE) as stage:
             self.write_files(stage)
             checkpoint("state-staged")
         return run_dir
@@ -190,7 +192,7 @@ class ScaleState:
             if not p.is_file():
                 raise StateError(f"{p} not found: pass the folder written by sasq-train (it holds {RECIPE_FILE} and {SCALES_FILE})")
         try:
-            recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+            recipe = parse_json(recipe_path.read_text(encoding="utf-8"))
         except PermissionError:
             raise StateError(f"no permission to read {recipe_path}: check its permissions") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -226,8 +228,16 @@ class ScaleState:
             raise StateError(f"no permission to read {scales_path}: check its permissions") from None
         except (SafetensorError, OSError, ValueError) as e:
             raise StateError(f"{scales_path} is not a readable safetensors file ({e}): rewrite it with sasq-train") from None
-        scales = {k[: -len(_SCALE)]: float(v) for k, v in tensors.items() if k.endswith(_SCALE)}
-        trunc = {k[: -len(_TRUNC)]: float(v) for k, v in tensors.items() if k.endswith(_TRUNC)}
+        unknown = sorted(k for k in tensors if not k.endswith((_SCALE, _TRUNC, _SMOOTH)))
+        if unknown:
+            raise StateError(f"{scales_path} holds tensor(s) sasq-edge does not write ({', '.join(unknown[:3])}): the file was "
+                             "edited or comes from another tool; retrain the scales")
+        for k, v in tensors.items():
+            if not k.endswith(_SMOOTH) and v.size != 1:
+                raise StateError(f"{scales_path}: {k} has shape {list(v.shape)}, a per-tensor scale is one number: the "
+                                 "file was edited or comes from another tool; retrain the scales")
+        scales = {k[: -len(_SCALE)]: float(v.reshape(())) for k, v in tensors.items() if k.endswith(_SCALE)}
+        trunc = {k[: -len(_TRUNC)]: float(v.reshape(())) for k, v in tensors.items() if k.endswith(_TRUNC)}
         smooth = {k[: -len(_SMOOTH)]: v for k, v in tensors.items() if k.endswith(_SMOOTH)}
         if sorted(scales) != sorted(recipe.get("modules", [])) or sorted(smooth) != sorted(recipe.get("smooth", [])):
             raise StateError(f"{scales_path} and {recipe_path} list different modules: the folder is damaged, retrain")
@@ -238,7 +248,32 @@ class ScaleState:
             if key in deploy and deploy[key] != want:
                 raise StateError(f"{recipe_path}: deploy.{key} {deploy[key]} is not profile {profile!r}'s grid {want} "
                                  "in this sasq-edge: retrain the scales")
+        _check_digests(recipe, run_dir, recipe_path)  # last: a named problem (a NaN scale, a key) says more
         return state
+
+
+def recipe_digest(recipe: dict) -> str:
+    """sha256 of a recipe's content (its ``digest`` key left out), as canonical JSON."""
+    body = {k: v for k, v in recipe.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _check_digests(recipe: dict, run_dir: Path, recipe_path: Path) -> None:
+    """Refuse a recipe edited after it was written, or a scale file that is not the one written
+    with it (recipes written before the digests carry none, and load as they are)."""
+    if "digest" in recipe and recipe["digest"] != recipe_digest(recipe):
+        raise StateError(f"{recipe_path} was changed after sasq-edge wrote it (its digest no longer matches): restore it or "
+                         "retrain the scales")
+    files = recipe.get("files")
+    if files is None:
+        return
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise StateError(f"{recipe_path}: 'files' is damaged: retrain the scales")
+    for name, digest in sorted(files.items()):
+        path = run_dir / name
+        if path.is_file() and file_digest(path) != digest:
+            raise StateError(f"{path} is not the file written with {recipe_path.name} (edited, or copied from another run): "
+                             "restore it or retrain the scales")
 
 
 def _check_keys(d: Any, known: set[str], path: Path, prefix: str) -> None:

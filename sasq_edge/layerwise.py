@@ -27,13 +27,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.io import parse_json
 from runtime.state import ScaleState
 from sasq_edge.arch import arch_spec
 from sasq_edge.errors import ModelLoadError
+from sasq_edge.models import check_finite
 
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
            "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on a header's size
 
 
 class Checkpoint:
@@ -59,10 +64,24 @@ class Checkpoint:
         """The safetensors header of ``file`` (name -> dtype, shape, data offsets) and where its
         data starts."""
         if file not in self._headers:
-            with open(self.folder / file, "rb") as f:
+            path = self.folder / file
+            with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
-                self._headers[file] = (json.loads(f.read(size)), 8 + size)
+                if size > HEADER_LIMIT or size > path.stat().st_size - 8:
+                    raise ModelLoadError(f"{path} is not a safetensors file (its header claims {size} bytes): download it again")
+                try:
+                    header = parse_json(f.read(size))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    header = None
+            if not isinstance(header, dict):
+                raise ModelLoadError(f"{path} has a damaged safetensors header: download it again")
+            self._headers[file] = (header, 8 + size)
         return self._headers[file]
+
+    def shape(self, name: str) -> list[int]:
+        """The shape of ``name`` from its file's header (no data read)."""
+        file = self.weight_map[name]
+        return list(self._header(file)[0][name]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read with plain file reads into memory of its own. Not through a
@@ -107,10 +126,25 @@ class LayerwiseModel:
         except OSError:
             self.generation_config = None
         self.ckpt = Checkpoint(self.folder)
+        self._check_names()
         self.blocks = spec.blocks
         self.smooth = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in (smooth or {}).items()}
         self.loaded: set[str] = set()
         self.peak_loaded = 0  # the most pieces held at once (1 while exporting: the current layer)
+
+    def _check_names(self) -> None:
+        """The checkpoint's tensor names and shapes (its headers; no data read) against the
+        config's model: ``models.check_tensor_names``."""
+        from sasq_edge.models import check_tensor_names
+
+        params = dict(self.model.named_parameters())
+        buffers = {n for n, _ in self.model.named_buffers()}
+        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        missing = [n for n in params if n not in self.ckpt and n not in tied]
+        unexpected = [n for n in self.ckpt.weight_map if n not in params and n not in buffers and n not in tied]
+        mismatched = [(n, shape, list(params[n].shape)) for n in params if n in self.ckpt
+                      and (shape := self.ckpt.shape(n)) != list(params[n].shape)]
+        check_tensor_names(str(self.folder), missing, unexpected, mismatched)
 
     # --- loading and emptying pieces ---------------------------------------------------------
 
@@ -140,7 +174,9 @@ class LayerwiseModel:
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, p in module.named_parameters():
-                p.copy_(self._tensor(f"{piece}.{name}").to(torch.float32))
+                t = self._tensor(f"{piece}.{name}")
+                check_finite(str(self.folder), f"{piece}.{name}", t)
+                p.copy_(t.to(torch.float32))
         self.loaded.add(piece)
         self.peak_loaded = max(self.peak_loaded, len(self.loaded))
         mine = {k: v for k, v in self.smooth.items() if k.startswith(piece + ".")}

@@ -171,6 +171,39 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
     return config
 
 
+# checkpoint tensors that are not parameters and that models of some transformers versions saved
+BENIGN_EXTRA = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+def check_tensor_names(spec: str, missing, unexpected, mismatched) -> None:
+    """Refuse, in one line naming the first tensor, a checkpoint that lacks a weight the config's
+    model has (transformers would initialise it at random), holds one it has no place for (a layer
+    the config lacks), or holds one of another shape. ``mismatched``: (name, checkpoint shape,
+    model shape) triples."""
+    unexpected = sorted(k for k in unexpected if not k.endswith(BENIGN_EXTRA))
+    if missing:
+        first = sorted(missing)[0]
+        raise ModelLoadError(f"{spec}: the checkpoint lacks {first}" + (f" and {len(missing) - 1} more tensor(s)" if len(missing) > 1
+                             else "") + ", which its config.json's model has: the download is incomplete or the config is "
+                             "another model's; download it again")
+    if unexpected:
+        raise ModelLoadError(f"{spec}: the checkpoint holds {unexpected[0]}" + (f" and {len(unexpected) - 1} more tensor(s)"
+                             if len(unexpected) > 1 else "") + ", for which its config.json's model has no place (a layer "
+                             "the config lacks?): the config is another model's; fix config.json or download both again")
+    if mismatched:
+        name, got, want = sorted(mismatched, key=lambda m: m[0])[0]
+        raise ModelLoadError(f"{spec}: {name} has shape {list(got)} in the checkpoint, the config's model needs {list(want)}: "
+                             "the config is another model's; fix config.json or download both again")
+
+
+def check_finite(spec: str, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a weight holding NaN or Inf (a corrupt download or a broken conversion)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ModelLoadError(f"{spec}: {name} holds {bad} NaN or infinite value(s): the checkpoint is corrupt; download or "
+                             "convert it again")
+
+
 def load_model(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``spec`` in eval mode, with its tokenizer, its weights in ``dtype`` (float32 by
     default; ``torch.bfloat16`` halves their memory for GPU training, see ``QuantLinear``)."""
@@ -183,7 +216,12 @@ def load_model(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         # config.json, or a GGUF file's metadata (transformers reads no tensor data for it)
         config = AutoConfig.from_pretrained(source, **kwargs)
         _check_config(config, spec)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    mismatched = [(m[0], m[1], m[2]) for m in info.get("mismatched_keys") or ()]
+    check_tensor_names(spec, info.get("missing_keys") or (), info.get("unexpected_keys") or (), mismatched)
+    for name, p in model.named_parameters():
+        check_finite(spec, name, p)
     honour_add_bos(tokenizer)
     return LoadedModel(model.eval(), tokenizer, spec)

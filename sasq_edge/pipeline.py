@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -57,8 +58,15 @@ def training_data(lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathL
     its validation split, never the test split), ``config.seq_len`` tokens each, BOS-aware; a
     mix's windows are drawn with ``config.seed``."""
     check_context(config.seq_len, lm.max_positions)
-    return load_windows(lm, data or DEFAULT_SPEC, config.seq_len, CALIBRATION, data_dir=data_dir, seed=config.seed,
-                        progress=progress)
+    got = load_windows(lm, data or DEFAULT_SPEC, config.seq_len, CALIBRATION, data_dir=data_dir, seed=config.seed,
+                       progress=progress)
+    n = got.windows.shape[0]
+    for flag, asked in (("--calib-batches", config.calib_batches), ("--block-windows", config.block_windows if config.blockwise
+                                                                    else 0)):
+        if asked > n:  # the cap: never more windows than the text holds
+            print(f"sasq: {flag} {asked}: the text holds {n} windows of {config.seq_len} tokens; using those {n}",
+                  file=sys.stderr, flush=True)
+    return got
 
 
 def training_windows(lm: LoadedModel, config: QuantConfig, data_dir: str | os.PathLike | None,

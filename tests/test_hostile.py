@@ -44,13 +44,19 @@ def _one_error(capsys, code: int, expected: int = 2) -> str:
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes (hidden lock files left out)."""
+    """Every file under ``folder`` with its bytes (a hidden lock file and staging folders left out)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.endswith(".sasq-lock")}
+            if p.is_file() and not p.name.endswith(".sasq-lock") and ".sasq-stage-" not in str(p.relative_to(folder))}
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.rglob("*") if ".sasq-stage-" in p.name or ".sasq-old-" in p.name)
+    """Staging folders, and lock files, under ``parent`` (a killed run leaves its lock file, which
+    the next run takes over and removes)."""
+    return sorted(p.name for p in parent.rglob("*") if p.name.startswith(".sasq-stage-"))
+
+
+def _locks(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.rglob(".sasq-lock"))
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +312,7 @@ def test_full_disk_leaves_the_previous_export(tmp_path, data_dir, capsys):
         (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - size // 2))
         capsys.readouterr()
         line = _one_error(capsys, export_main([str(out), *args, "--train-steps", "1"]))
-        assert "no space left on the device" in line
+        assert f"no space left on {disk}" in line and "MB needed" in line and "MB free" in line
         assert _tree(out.parent) == before and _leftovers(disk) == []
     finally:
         _umount(disk)
@@ -359,7 +365,7 @@ def test_export_killed_at_each_stage(good, tmp_path, data_dir, stage, capsys):
     # the next run cleans up, says so, and writes the new export
     assert export_main(argv) == 0
     err = capsys.readouterr().err
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) == [] and _locks(tmp_path) == []
     assert ("left by a run that did not finish" in err) == (stage != "traced")
     assert _tree(folder) != before and ppl_main([str(folder / "model.onnx"), "--data-dir", str(data_dir),
                                                  "--seq-len", "32", "--max-windows", "1"]) == 0
@@ -376,6 +382,7 @@ def test_training_killed_at_each_stage(tmp_path, data_dir, stage, capsys):
     capsys.readouterr()
     assert train_main(argv) == 0
     assert "left by a run that did not finish" in capsys.readouterr().err and _leftovers(tmp_path) == []
+    assert _locks(tmp_path) == []
 
 
 def test_two_exports_at_once(tmp_path, data_dir):
@@ -383,7 +390,7 @@ def test_two_exports_at_once(tmp_path, data_dir):
     argv = [str(out), *TINY, *QUICK, "--data-dir", str(data_dir)]
     first = subprocess.Popen([sys.executable, "-c", _cli("export", argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "SASQ_TEST_PAUSE_AT": "traced:15"})
-    lock = tmp_path / ".out.sasq-lock"
+    lock = out.parent / ".sasq-lock"
     deadline = time.time() + 120
     while not lock.exists() and time.time() < deadline:  # the first run locks before it loads the model
         time.sleep(0.1)

@@ -106,6 +106,10 @@ def test_misspelt_recipe_key_is_refused(state, tmp_path):
     recipe = json.loads((tmp_path / RECIPE_FILE).read_text())
     recipe["method"]["learning_rate"] = 0.1
     (tmp_path / RECIPE_FILE).write_text(json.dumps(recipe))
+    with pytest.raises(StateError, match="changed after sasq-edge wrote it"):  # the recipe's own digest
+        load_state(tmp_path)
+    del recipe["digest"]  # a recipe written by hand, without one: the key itself is named
+    (tmp_path / RECIPE_FILE).write_text(json.dumps(recipe))
     with pytest.raises(StateError, match="learning_rate"):
         load_state(tmp_path)
     recipe["method"].pop("learning_rate")

@@ -96,6 +96,8 @@ def _baseline(argv: list[str] | None) -> int:
 
 
 def _baseline_ort(args: argparse.Namespace) -> int:
+    import onnx
+
     from exporters.ort_static import quantize_static_baseline
     from runtime.data import bos_id, sample_windows
     from runtime.folder import load_tokenizer, tokenizer_config
@@ -111,7 +113,12 @@ def _baseline_ort(args: argparse.Namespace) -> int:
     src = Path(args.float_onnx)
     if not src.is_file():
         raise ConfigError(f"{src} not found: export the float model first with sasq-export --float")
-    open_session(src, ["cpu"], args.threads)  # a corrupt or foreign file fails here, before calibration
+    src_sess = open_session(src, ["cpu"], args.threads)  # a corrupt or foreign file fails here, before calibration
+    if src_sess.profile is not None or any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulInteger")
+                                           for n in onnx.load(str(src), load_external_data=False).graph.node):
+        raise ConfigError(f"{src} is already quantized (profile {src_sess.profile or 'unknown'}): {args.method} quantizes the "
+                          "float export; pass the file sasq-export --float wrote")
+    del src_sess
     tokenizer, tok_config = load_tokenizer(src.parent), tokenizer_config(src.parent)
     preset = QuantConfig.from_recipe(args.recipe)
     seed = preset.seed if args.seed is None else args.seed

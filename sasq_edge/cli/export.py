@@ -27,6 +27,9 @@ def _export(argv: list[str] | None) -> int:
     p.add_argument("--layerwise", action="store_true",
                    help="read a local safetensors checkpoint one decoder layer at a time (automatic when the float32 "
                         "model would not fit in memory): export with --scales, or calibrate with --train-steps 0")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another export in the output folder (by default a folder holds one export, and a "
+                        "second model name there is refused)")
     add_data_args(p, "calibration")
     recipe.add_train_args(p)
     p.add_argument("--no-memory-check", action="store_true",
@@ -45,7 +48,7 @@ def _export(argv: list[str] | None) -> int:
         raise ConfigError(f"output {args.onnx} must end in .onnx, e.g. out/model.onnx")
     if out.is_dir():
         raise ConfigError(f"{out} is a folder: name the .onnx file inside it, e.g. {out / 'model.onnx'}")
-    unit = output_folder(out)
+    unit = output_folder(out, overwrite=args.overwrite)
     preflight(unit.folder)
     with unit.lock():  # a second run on the same folder fails now, not after training
         state = load_state(args.scales) if args.scales else None  # a bad folder fails before the model loads
@@ -76,7 +79,8 @@ def _export(argv: list[str] | None) -> int:
             source = LayerwiseModel(folder, smooth=state.smooth, trust_remote_code=args.trust_remote_code)
             check_state_matches(source, state)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
-            res = export_onnx(source, out, state=state, tokenizer=tokenizer, progress=not args.json, graph="fused")
+            res = export_onnx(source, out, state=state, tokenizer=tokenizer, progress=not args.json, graph="fused",
+                              overwrite=args.overwrite)
         else:
             lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
             if state is not None:
@@ -84,7 +88,7 @@ def _export(argv: list[str] | None) -> int:
             elif cfg is not None:
                 state = recipe.run(lm, args, cfg).state
             res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache,
-                              progress=not args.json, graph=args.graph)
+                              progress=not args.json, graph=args.graph, overwrite=args.overwrite)
     d = res.to_dict()
     emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
          f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)

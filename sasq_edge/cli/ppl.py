@@ -35,8 +35,10 @@ def _ppl(argv: list[str] | None) -> int:
     data = eval_windows(args, path, load_tokenizer(path.parent, args.tokenizer), tokenizer_config(path.parent, args.tokenizer))
     res = perplexity(sess, data.windows, bos=data.bos is not None)
     bos = ", windows start with BOS" if res.bos else ""
+    kind = f"INT8 model, profile {sess.profile}" if sess.profile else "float model"
     emit(args, f"perplexity {res.ppl:.4f} over {res.windows} windows of {res.seq_len} tokens "
-         f"({res.tokens} predicted tokens{bos}) on {res.provider}; data: {data.text}", {**res.to_dict(), "data": data.record})
+         f"({res.tokens} predicted tokens{bos}) on {res.provider} ({kind}); data: {data.text}",
+         {**res.to_dict(), "profile": sess.profile, "data": data.record})
     return 0
 
 

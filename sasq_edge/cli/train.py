@@ -38,6 +38,11 @@ def _train(argv: list[str] | None) -> int:
     group = init_from_env(device)
     try:
         unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
+        exports = sorted(p.name for p in unit.folder.glob("*.onnx")) if unit.folder.is_dir() else []
+        if exports:
+            raise ConfigError(f"{unit.folder} is an export folder ({', '.join(exports)}): sasq-train would replace the "
+                              "scales its export was written with; train into a folder of its own (then sasq-export "
+                              "--scales RUN)")
         if group.is_main:
             preflight(unit.folder)
         # a second run on the same folder fails now, not after training; only rank 0 writes
