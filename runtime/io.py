@@ -203,11 +203,16 @@ class NoSpaceError(SasqError):
     """The output does not fit on its file system (the previous output is left as it was)."""
 
 
-def no_space(folder: Path, need: int) -> NoSpaceError:
+def no_space(folder: Path, need: int, at_least: bool = False) -> NoSpaceError:
+    """``at_least``: ``need`` is what was written when the disk filled, not the whole output."""
+    def mb(n: int) -> str:
+        return f"{n / 1e6:.1f} MB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
     free = free_bytes(folder)
-    have = "" if free is None else f", {free / 1e6:.1f} MB free"
-    return NoSpaceError(f"no space left on {device_of(folder)} (writing {folder}): {need / 1e6:.1f} MB needed{have}; "
-                        "the previous files there are as they were: free some space or write elsewhere")
+    have = "" if free is None else f", {mb(free)} free"
+    needed = f"more than {mb(need)} needed" if at_least else f"about {mb(need)} needed"
+    return NoSpaceError(f"no space left on {device_of(folder)} (writing {folder}): {needed}{have}; the previous files "
+                        "there are as they were: free some space or write elsewhere")
 
 
 def _tree_bytes(path: Path) -> int:
@@ -294,7 +299,7 @@ class OutputFolder:
                 self._commit()
             elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and self.stage is not None:
                 staged = _tree_bytes(self.stage) if self.stage.exists() else 0
-                raise no_space(self.folder, max(self.need or 0, staged)) from None
+                raise no_space(self.folder, max(self.need or 0, staged), at_least=True) from None
         finally:
             if self.stage is not None and self.stage.exists():
                 shutil.rmtree(self.stage, ignore_errors=True)

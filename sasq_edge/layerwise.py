@@ -489,17 +489,15 @@ def sampler_model(folder: Path, tokenizer, source: str, *, trust_remote_code: bo
     from transformers import AutoConfig
 
     from sasq_edge import memory
-    from sasq_edge.models import LoadedModel
+    from sasq_edge.models import LoadedModel, load_model
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     free = memory.host_available() if free is None else free
     need = 4 * memory.Sizes.of(config).params
     if free is not None and need > SAMPLER_FRACTION * free:
         return None
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code)
-    return LoadedModel(model.eval(), tokenizer, source)
+    lm = load_model(str(folder), trust_remote_code=trust_remote_code)  # the checkpoint's checks included
+    return LoadedModel(lm.model, tokenizer, source)
 
 
 def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remote_code: bool = False,

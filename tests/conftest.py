@@ -55,6 +55,17 @@ def _lines(name: str, count: int) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def folder(tmp_path_factory) -> Path:
+    """The tiny preset saved as a Hugging Face folder (model.safetensors, config, tokenizer): a
+    checkpoint read from disk, whole or one layer at a time. Read-only: copy it to break it."""
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    lm = tiny_random_llama()
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A small folder with wiki.test.raw and wiki.valid.tokens (the first lines of the real ones)."""
     d = tmp_path_factory.mktemp("wikitext2")

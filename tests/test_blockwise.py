@@ -31,15 +31,6 @@ CFG = QuantConfig.from_recipe("default", profile=HOST_PROFILE, seq_len=64, block
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_ckpt")
-    lm = tiny_random_llama()
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def whole():
     lm = tiny_random_llama()
     return lm, train_blockwise(WholeModel(lm.model), CFG, WINDOWS, lm.source, progress=False)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sasq_edge.cli.export import main as export_main
@@ -422,3 +423,203 @@ def test_internal_error_is_one_line_with_a_traceback_file(good, tmp_path, data_d
     assert json.loads(out[-1])["code"] == 3
     code, _, err = _outcome(capsys, ppl_main([*argv, "--debug"]))
     assert code == 3 and any(line.startswith("Traceback") for line in err)
+
+
+# --- 9. where users really write: mount points, symlinked folders, one export per folder --------
+
+
+def test_export_onto_a_mount_point_and_onto_a_full_one(tmp_path, data_dir, capsys):
+    """The output folder is itself a mount point (a USB stick, a Docker or Kubernetes volume): the
+    export is written, replaced, and on a full one refused in one line with the numbers, the
+    previous export intact and loadable."""
+    disk = tmp_path / "usb"
+    if not _mount_tmpfs(disk, "size=3m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "model.onnx"
+        args = [*TINY, "--seq-len", "32", "--calib-batches", "1", "--data-dir", str(data_dir)]
+        assert export_main([str(out), *args, "--train-steps", "0"]) == 0
+        assert export_main([str(out), *args, "--train-steps", "1"]) == 0  # replaced in place
+        assert os.path.ismount(disk) and _leftovers(disk) == [] and _locks(disk) == []
+        before = _tree(disk)
+        size = sum(len(b) for b in before.values())
+        st = os.statvfs(disk)
+        filler = disk / ".filler"
+        filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - size // 2))
+        capsys.readouterr()
+        line = _one_error(capsys, export_main([str(out), *args, "--train-steps", "0", "--seed", "3"]))
+        assert f"no space left on {disk}" in line and "MB needed" in line and "MB free" in line
+        filler.unlink()
+        assert _tree(disk) == before and _leftovers(disk) == []
+        assert ppl_main([str(out), "--data-dir", str(data_dir), "--seq-len", "32", "--max-windows", "1"]) == 0
+    finally:
+        _umount(disk)
+
+
+def test_symlinked_output_folder_stays_a_link(tmp_path, data_dir, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    args = [*TINY, "--float"]
+    for _ in range(2):  # written, then replaced
+        assert export_main([str(link / "model.onnx"), *args]) == 0
+        assert link.is_symlink() and (real / "model.onnx").is_file() and _leftovers(real) == []
+
+
+def test_one_export_per_folder(tmp_path, data_dir, capsys):
+    """A second model name in a folder holding an export is refused, naming it and --overwrite;
+    with --overwrite the other export is replaced; sasq-train refuses an export folder."""
+    folder = tmp_path / "out"
+    args = [*TINY, *QUICK, "--data-dir", str(data_dir)]
+    assert export_main([str(folder / "a.onnx"), *args]) == 0
+    before = _tree(folder)
+    capsys.readouterr()
+    line = _one_error(capsys, export_main([str(folder / "b.onnx"), *args]))
+    assert f"{folder} holds another export (a.onnx)" in line and "--overwrite" in line
+    assert _tree(folder) == before
+    assert export_main([str(folder / "b.onnx"), *args, "--overwrite"]) == 0
+    assert sorted(p.name for p in folder.glob("*.onnx")) == ["b.onnx"]
+    assert ppl_main([str(folder / "b.onnx"), "--data-dir", str(data_dir), "--seq-len", "32", "--max-windows", "1"]) == 0
+    capsys.readouterr()
+    line = _one_error(capsys, train_main([str(folder), *args]))
+    assert "is an export folder (b.onnx)" in line and "--scales" in line
+
+
+def test_float_model_in_a_quantized_folder_is_refused(good, tmp_path, data_dir, capsys):
+    folder = tmp_path / "q"
+    shutil.copytree(good.parent, folder)
+    flt = tmp_path / "f" / "model.onnx"
+    assert export_main([str(flt), *TINY, "--float"]) == 0
+    shutil.copy(flt, folder / "model.onnx")
+    capsys.readouterr()
+    line = _one_error(capsys, ppl_main([str(folder / "model.onnx"), "--data-dir", str(data_dir), "--seq-len", "32"]))
+    assert "is a float model, but its folder holds a quantized export's recipe.json" in line
+    code, out, _ = _outcome(capsys, ppl_main([str(flt), "--data-dir", str(data_dir), "--seq-len", "32", "--max-windows", "1"]))
+    assert code == 0 and "(float model)" in out[-1]
+
+
+def test_kill_between_renames_is_refused_until_the_next_export(good, tmp_path, data_dir, capsys):
+    """A kill after some files of the new export are in place and before the ONNX file is: the
+    digests the old ONNX file records no longer match, every reader refuses the folder, and the
+    next export repairs it."""
+    folder = tmp_path / "out"
+    shutil.copytree(good.parent, folder)
+    argv = [str(folder / "model.onnx"), *TINY, *QUICK, "--seed", "5", "--data-dir", str(data_dir)]
+    assert _run(_cli("export", argv), {"SASQ_TEST_KILL_AT": "commit-half"}).returncode == -signal.SIGKILL
+    line = _one_error(capsys, ppl_main([str(folder / "model.onnx"), "--data-dir", str(data_dir), "--seq-len", "32"]))
+    assert "does not belong to model.onnx" in line and "re-export the folder" in line
+    assert export_main(argv) == 0
+    assert ppl_main([str(folder / "model.onnx"), "--data-dir", str(data_dir), "--seq-len", "32", "--max-windows", "1"]) == 0
+
+
+# --- 10. files read back are what wrote them --------------------------------------------------
+
+
+def _edit_scales(run: Path, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(run / "scales.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(run / "scales.safetensors"), metadata={"format": "sasq-scales", "version": "3"})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({k: v * 1.5 for k, v in list(t.items())[:1]}), "is not the file written with recipe.json"),
+    (lambda t: t.update({"extra.tensor": np.ones(2, np.float32)}), "holds tensor(s) sasq-edge does not write (extra.tensor)"),
+    (lambda t: t.update({k: np.full(3, float(v), np.float32) for k, v in [next((k, v) for k, v in t.items()
+                                                                               if k.endswith(".act_scale"))]}),
+     "a per-tensor scale is one number"),
+], ids=["scale-x1.5", "extra-tensor", "vector-scale"])
+def test_edited_run_folder_is_refused(tmp_path, data_dir, capsys, edit, message):
+    run = tmp_path / "run"
+    assert train_main([str(run), *TINY, *QUICK, "--data-dir", str(data_dir)]) == 0
+    _edit_scales(run, edit)
+    capsys.readouterr()
+    line = _one_error(capsys, export_main([str(tmp_path / "o" / "model.onnx"), *TINY, "--scales", str(run)]))
+    assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_edited_recipe_is_refused(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert train_main([str(run), *TINY, *QUICK, "--data-dir", str(data_dir)]) == 0
+    recipe = json.loads((run / "recipe.json").read_text())
+    recipe["training"]["notes"] = "hand-edited"  # inside the free-form training record
+    (run / "recipe.json").write_text(json.dumps(recipe))
+    capsys.readouterr()
+    line = _one_error(capsys, export_main([str(tmp_path / "o" / "model.onnx"), *TINY, "--scales", str(run)]))
+    assert "recipe.json was changed after sasq-edge wrote it" in line
+
+
+def _broken_checkpoint(folder: Path, to: Path, kind: str) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, to)
+    tensors = load_file(str(to / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    if kind == "missing":
+        del tensors[name]
+    elif kind == "extra":
+        tensors["model.layers.7.mlp.up_proj.weight"] = torch.zeros(4, 4)
+    elif kind == "shape":
+        tensors[name] = torch.zeros(64, 100)
+    elif kind == "nan":
+        tensors[name] = tensors[name].clone()
+        tensors[name][3, 4] = float("nan")
+    save_file(tensors, str(to / "model.safetensors"), metadata={"format": "pt"})
+    return to
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layer-by-layer"])
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "the checkpoint lacks model.layers.1.mlp.down_proj.weight"),
+    ("extra", "the checkpoint holds model.layers.7.mlp.up_proj.weight, for which"),
+    ("shape", "model.layers.1.mlp.down_proj.weight has shape [64, 100] in the checkpoint"),
+    ("nan", "model.layers.1.mlp.down_proj.weight holds 1 NaN or infinite value(s)"),
+])
+def test_broken_checkpoint_is_refused_naming_the_tensor(folder, tmp_path, data_dir, capsys, kind, message, layerwise):
+    ckpt = _broken_checkpoint(folder, tmp_path / "ckpt", kind)
+    extra = ["--layerwise", "--no-blockwise", "--train-steps", "0"] if layerwise else ["--float"]
+    line = _one_error(capsys, export_main([str(tmp_path / "o" / "model.onnx"), "--model", str(ckpt), *extra,
+                                           "--seq-len", "32", "--calib-batches", "1", "--data-dir", str(data_dir)]))
+    assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+# --- 11. numbers with a bound, files with a depth limit -------------------------------------------
+
+
+def test_calib_batches_beyond_the_text_are_capped_and_said(tmp_path, data_dir, capsys):
+    code = export_main([str(tmp_path / "o" / "model.onnx"), *TINY, "--seq-len", "32", "--calib-batches", "1000000",
+                        "--train-steps", "0", "--no-blockwise", "--data-dir", str(data_dir)])
+    err = capsys.readouterr().err
+    assert code == 0 and "--calib-batches 1000000: the text holds" in err
+    assert json.loads((tmp_path / "o" / "recipe.json").read_text())["training"]["calib_windows"] < 1000000
+
+
+def test_baseline_refuses_a_quantized_float_onnx(good, tmp_path, data_dir, capsys):
+    from sasq_edge.cli.baseline import main as baseline_main
+
+    line = _one_error(capsys, baseline_main(["ort-minmax", "--float-onnx", str(good), "--out", str(tmp_path / "b.onnx"),
+                                             "--data-dir", str(data_dir), "--seq-len", "32"]))
+    assert "is already quantized" in line and "sasq-export --float" in line
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_deeply_nested_json_line_is_one_error(tmp_path, data_dir, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    line = _one_error(capsys, export_main([str(tmp_path / "o" / "model.onnx"), *TINY, "--data", str(deep), *QUICK]))
+    assert "line 1 of" in line and "nested deeper than the JSON parser allows" in line
+
+
+def test_output_larger_than_the_free_space_is_refused_before_writing(tmp_path):
+    from runtime.io import NoSpaceError, OutputFolder, device_of, free_bytes
+
+    free = free_bytes(tmp_path)
+    with pytest.raises(NoSpaceError) as e, OutputFolder(tmp_path / "out", need=free + 10**9):
+        pass
+    assert f"no space left on {device_of(tmp_path)}" in str(e.value) and "MB needed" in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder

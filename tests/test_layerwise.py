@@ -26,16 +26,6 @@ from sasq_edge.state import apply_state
 WINDOWS = np.random.default_rng(0).integers(0, 257, (8, 64))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """The tiny preset saved as a Hugging Face folder (model.safetensors, config, tokenizer)."""
-    d = tmp_path_factory.mktemp("tiny_ckpt")
-    lm = tiny_random_llama()
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
 def test_checkpoint_reads_one_tensor_at_a_time(folder):
     ckpt = Checkpoint(folder)
     w = ckpt.get("model.layers.1.mlp.down_proj.weight")
