@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from runtime.faults import CHECKPOINT_FAULTS, break_checkpoint
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = os.environ.get("SASQ_DATA_DIR", str(ROOT.parent / "shared" / "assets" / "wikitext2"))
@@ -57,26 +59,6 @@ def checkpoint(work: Path) -> Path:
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     return folder
-
-
-def broken(folder: Path, to: Path, kind: str) -> Path:
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(folder, to)
-    tensors = load_file(str(to / "model.safetensors"))
-    name = "model.layers.1.mlp.down_proj.weight"
-    if kind == "missing":
-        del tensors[name]
-    elif kind == "extra":
-        tensors["model.layers.7.mlp.up_proj.weight"] = torch.zeros(4, 4)
-    elif kind == "misshapen":
-        tensors[name] = torch.zeros(64, 100)
-    else:
-        tensors[name] = tensors[name].clone()
-        tensors[name][3, 4] = float("nan")
-    save_file(tensors, str(to / "model.safetensors"), metadata={"format": "pt"})
-    return to
 
 
 def edit_scales(run_dir: Path, kind: str) -> None:
@@ -138,8 +120,8 @@ def cases(work: Path) -> list[dict]:
     shutil.copy(flt, mixed / "b.onnx")
     add("a float model.onnx copied into a quantized folder", [ppl, str(mixed / "b.onnx"), "--seq-len", "32"])
     ckpt = checkpoint(work)
-    for kind in ("missing", "extra", "misshapen", "nan"):
-        bad = broken(ckpt, work / f"ckpt-{kind}", kind)
+    for kind in CHECKPOINT_FAULTS:
+        bad = break_checkpoint(ckpt, work / f"ckpt-{kind}", kind)
         add(f"checkpoint: a weight {kind if kind != 'nan' else 'holding NaN'} (whole model)",
             [export, str(work / f"o-{kind}" / "model.onnx"), "--model", str(bad), "--float"])
         add(f"checkpoint: a weight {kind if kind != 'nan' else 'holding NaN'} (layer by layer)",

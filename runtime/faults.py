@@ -224,3 +224,33 @@ def write_faulty(folder: str | os.PathLike, out: str | os.PathLike, fault: Calla
     model = onnx.load(str(out / name))
     onnx.save(fault(model), str(out / name))
     return out / name
+
+
+# --- broken checkpoints (tests/test_hostile.py, bench/reliability.py) ---------------------------
+
+CHECKPOINT_FAULTS = ("missing", "extra", "misshapen", "nan")
+
+
+def break_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, kind: str,
+                     name: str = "model.layers.1.mlp.down_proj.weight") -> Path:
+    """A copy of the safetensors checkpoint ``folder`` at ``out`` with one fault: ``missing`` drops
+    ``name``, ``extra`` adds a tensor for a layer no config has, ``misshapen`` gives ``name``
+    100 input columns, ``nan`` puts one NaN in it."""
+    from safetensors.numpy import load_file, save_file
+
+    out = Path(out)
+    shutil.copytree(folder, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    if kind == "missing":
+        del tensors[name]
+    elif kind == "extra":
+        tensors["model.layers.7.mlp.up_proj.weight"] = np.zeros((4, 4), np.float32)
+    elif kind == "misshapen":
+        tensors[name] = np.zeros((tensors[name].shape[0], 100), tensors[name].dtype)
+    elif kind == "nan":
+        tensors[name] = tensors[name].copy()
+        tensors[name][3, 4] = np.nan
+    else:
+        raise ValueError(f"unknown checkpoint fault {kind!r}: one of {', '.join(CHECKPOINT_FAULTS)}")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

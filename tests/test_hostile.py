@@ -552,35 +552,17 @@ def test_edited_recipe_is_refused(tmp_path, data_dir, capsys):
     assert "recipe.json was changed after sasq-edge wrote it" in line
 
 
-def _broken_checkpoint(folder: Path, to: Path, kind: str) -> Path:
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(folder, to)
-    tensors = load_file(str(to / "model.safetensors"))
-    name = "model.layers.1.mlp.down_proj.weight"
-    if kind == "missing":
-        del tensors[name]
-    elif kind == "extra":
-        tensors["model.layers.7.mlp.up_proj.weight"] = torch.zeros(4, 4)
-    elif kind == "shape":
-        tensors[name] = torch.zeros(64, 100)
-    elif kind == "nan":
-        tensors[name] = tensors[name].clone()
-        tensors[name][3, 4] = float("nan")
-    save_file(tensors, str(to / "model.safetensors"), metadata={"format": "pt"})
-    return to
-
-
 @pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layer-by-layer"])
 @pytest.mark.parametrize("kind, message", [
     ("missing", "the checkpoint lacks model.layers.1.mlp.down_proj.weight"),
     ("extra", "the checkpoint holds model.layers.7.mlp.up_proj.weight, for which"),
-    ("shape", "model.layers.1.mlp.down_proj.weight has shape [64, 100] in the checkpoint"),
+    ("misshapen", "model.layers.1.mlp.down_proj.weight has shape [64, 100] in the checkpoint"),
     ("nan", "model.layers.1.mlp.down_proj.weight holds 1 NaN or infinite value(s)"),
 ])
 def test_broken_checkpoint_is_refused_naming_the_tensor(folder, tmp_path, data_dir, capsys, kind, message, layerwise):
-    ckpt = _broken_checkpoint(folder, tmp_path / "ckpt", kind)
+    from runtime.faults import break_checkpoint
+
+    ckpt = break_checkpoint(folder, tmp_path / "ckpt", kind)
     extra = ["--layerwise", "--no-blockwise", "--train-steps", "0"] if layerwise else ["--float"]
     line = _one_error(capsys, export_main([str(tmp_path / "o" / "model.onnx"), "--model", str(ckpt), *extra,
                                            "--seq-len", "32", "--calib-batches", "1", "--data-dir", str(data_dir)]))
