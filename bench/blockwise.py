@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def export_stage(args) -> None:
             model, extra = str(materialize(model)), [*extra, "--layerwise"]
         argv = ["sasq-export", str(onnx), "--model", model, *extra]
         print("running", shlex.join(argv), flush=True)
-        got = run_command(argv, WORK / args.model / f"{row}.log")
+        got = {**run_command(argv, WORK / args.model / f"{row}.log"), "machine": machine()}
         if got["exit"] == 0 and (onnx.parent / "recipe.json").is_file():
             recipe = json.loads((onnx.parent / "recipe.json").read_text())
             bw = recipe.get("training", {}).get("blockwise")
@@ -245,7 +246,9 @@ def report_stage(args) -> None:
              f"`python bench/blockwise.py export|eval|report`. Perplexity on ONNX Runtime (CPU), the first {WINDOWS} "
              f"windows of {SEQ_LEN} tokens of WikiText-2 raw test and of the code, docs and legal domains "
              "(bench/domains.py), as a ratio to the same model's float export. Wall time and peak RSS of the "
-             "`sasq-export` process, on this machine (2 cores).", ""]
+             "`sasq-export` process on a 2-core machine; the profile column says which CPU a row ran on (cpu-avx2: "
+             "an AVX2-only CPU, 7-bit weights; cpu-vnni: a VNNI CPU, 8-bit weights; the float export is the same "
+             "on both). Rows measured while other work shared the 2 cores have inflated wall times (marked).", ""]
     for key in MODELS:
         res = _load(OUT / f"{key}.json")
         if not res:
@@ -253,8 +256,8 @@ def report_stage(args) -> None:
         out["models"][key] = res
         rows = res["rows"]
         ref = rows.get("float", {}).get("ppl", {})
-        lines += [f"## {res['model']}", "", "| row | command | wall | peak RSS | " + " | ".join(DOMAINS) + " |",
-                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " |"]
+        lines += [f"## {res['model']}", "", "| row | command | profile | wall | peak RSS | " + " | ".join(DOMAINS) + " |",
+                  "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " |"]
         for row, got in rows.items():
             cells = []
             for d in DOMAINS:
@@ -264,7 +267,10 @@ def report_stage(args) -> None:
             flags = " ".join(ROWS[row]) or "(plain)"
             if "--layerwise" in got.get("command", ""):
                 flags += " --layerwise` on the converted folder `"
-            lines.append(f"| {LABELS.get(row, row)} | `{flags}` | {got['wall_s'] / 60:.1f} min | "
+            prof = re.search(r"profile ([\w-]+)", got.get("last_line", ""))
+            shared = " (cores shared)" if got.get("cores_shared") else ""
+            lines.append(f"| {LABELS.get(row, row)} | `{flags}` | {prof.group(1) if prof else '?'} | "
+                         f"{got['wall_s'] / 60:.1f} min{shared} | "
                          f"{got['peak_rss_mb'] / 1024:.2f} GiB | " + " | ".join(cells) + " |")
         bw = rows.get("default", {}).get("blockwise")
         if bw:

@@ -75,6 +75,8 @@ def good(tmp_path_factory, data_dir) -> Path:
     (ppl_main, ["--threads", "-1"], "argument --threads: -1 must be at least 1"),
     (ppl_main, ["--seq-len", "1"], "argument --seq-len: 1 must be at least 2"),
     (ppl_main, ["--max-windows", "0"], "argument --max-windows: 0 must be at least 1"),
+    (ppl_main, ["--max-windows", str(2**40)], f"argument --max-windows: {2**40} must be at most 2147483647"),
+    (generate_main, ["--prompt", "a", "--seed", str(10**20)], f"argument --seed: {10**20} must be at most 2147483647"),
     (generate_main, ["--prompt", "a", "--temperature", "nan"], "argument --temperature: nan must be a finite number"),
     (generate_main, ["--prompt", "a", "--temperature", "inf"], "argument --temperature: inf must be a finite number"),
     (generate_main, ["--prompt", "a", "--top-p", "1.5"], "argument --top-p: 1.5 must be a finite number in (0, 1]"),

@@ -53,7 +53,12 @@ def parser(prog: str, description: str, epilog: str | None = None) -> argparse.A
 # --- numbers: every numeric option is checked (finite, in range) before any work starts ---------
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
+INT_MAX = 2**31 - 1  # every integer option's upper bound: what seeds, counts and lengths hold everywhere below
+
+
+def int_at_least(low: int, high: int = INT_MAX) -> Callable[[str], int]:
+    """An integer in ``[low, high]``; counts beyond what the data holds are capped where used, and said."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -61,6 +66,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {high}")
         return value
 
     parse.__name__ = "integer"
