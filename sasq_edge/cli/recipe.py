@@ -23,7 +23,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "TensorRT users pass trt; with --scales, the scales' own profile)")
     p.add_argument("--calibration", help=f"scale initialiser: {', '.join(CALIBRATIONS)} (default {d.calibration})")
     p.add_argument("--percentile", type=float_in(50, 100, low_open=True), help="percentile for --calibration percentile")
-    p.add_argument("--calib-batches", type=int_at_least(1), help=f"calibration windows (default {d.calib_batches}; capped at what the text holds, said)")
+    p.add_argument("--calib-batches", type=int_at_least(1),
+                   help=f"calibration windows (default {d.calib_batches}; capped at what the text holds, said)")
     p.add_argument("--truncation", help=f"outlier truncation: {', '.join(TRUNCATIONS)} (default {d.truncation})")
     p.add_argument("--train-steps", type=int_at_least(0), help=f"scale-training steps, 0 = PTQ only (default {d.train_steps})")
     p.add_argument("--lr", type=float_in(0, low_open=True), help=f"Adam learning rate on log-scales (default {d.lr})")
