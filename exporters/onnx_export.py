@@ -30,7 +30,7 @@ from exporters.fused import supports as fused_supports
 from exporters.genai import GENAI_FILE, genai_config
 from exporters.lowering import ExportError, lowered
 from exporters.passes import op_counts, pretranspose_int8_weights, rename_initializers, set_metadata
-from runtime.folder import COMPANION_FILES, CONFIG_FILE, manifest
+from runtime.folder import COMPANION_FILES, CONFIG_FILE, exports_in, manifest
 from runtime.graph import WEIGHT_SUFFIX, GraphIndex, cache_names, weight_name, weight_scale_name
 from runtime.io import OutputFolder, checkpoint
 from runtime.layout import AttentionLayout
@@ -241,9 +241,8 @@ def resolve_graph(graph: str, model: nn.Module, state: ScaleState | None, kv_cac
 
 
 def other_exports(out_path: Path) -> list[str]:
-    """The ONNX files in ``out_path``'s folder other than ``out_path`` itself: another export's."""
-    folder = out_path.parent
-    return sorted(p.name for p in folder.glob("*.onnx") if p.name != out_path.name) if folder.is_dir() else []
+    """The sasq-edge exports in ``out_path``'s folder other than ``out_path`` itself."""
+    return [name for name in exports_in(out_path.parent) if name != out_path.name]
 
 
 def output_folder(out_path: str | os.PathLike, *, overwrite: bool = False, need: int | None = None) -> OutputFolder:

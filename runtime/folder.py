@@ -31,6 +31,23 @@ def manifest(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
     return {n: file_digest(folder / n) for n in sorted(names) if (folder / n).is_file()}
 
 
+def exports_in(folder: str | os.PathLike) -> list[str]:
+    """The ONNX files in ``folder`` that sasq-edge exported (their metadata lists the files beside
+    them); the user's own ONNX files are not counted."""
+    from runtime.metadata import read_metadata
+
+    folder = Path(folder)
+    found = []
+    for p in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
+        try:
+            ours = p.is_file() and META_FILES in read_metadata(p)
+        except RuntimeSetupError:
+            ours = False  # not a readable ONNX file: not an export of ours
+        if ours:
+            found.append(p.name)
+    return found
+
+
 def check_folder(onnx_path: str | os.PathLike, meta: dict[str, str]) -> None:
     """Refuse a folder whose files are not the ones exported with ``onnx_path`` (``meta`` is its
     metadata). Files the export did not write are not looked at; a foreign ONNX file without

@@ -480,8 +480,9 @@ def test_one_export_per_folder(tmp_path, data_dir, capsys):
     line = _one_error(capsys, export_main([str(folder / "b.onnx"), *args]))
     assert f"{folder} holds another export (a.onnx)" in line and "--overwrite" in line
     assert _tree(folder) == before
+    (folder / "encoder.onnx").write_bytes(b"the user's own file, not an export")
     assert export_main([str(folder / "b.onnx"), *args, "--overwrite"]) == 0
-    assert sorted(p.name for p in folder.glob("*.onnx")) == ["b.onnx"]
+    assert sorted(p.name for p in folder.glob("*.onnx")) == ["b.onnx", "encoder.onnx"]  # only the export replaced
     assert ppl_main([str(folder / "b.onnx"), "--data-dir", str(data_dir), "--seq-len", "32", "--max-windows", "1"]) == 0
     capsys.readouterr()
     line = _one_error(capsys, train_main([str(folder), *args]))

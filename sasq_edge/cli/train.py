@@ -24,6 +24,7 @@ def _train(argv: list[str] | None) -> int:
                         "model would not fit in memory; no training: --train-steps 0)")
     recipe.add_scaleout_args(p)
     args = p.parse_args(argv)
+    from runtime.folder import exports_in
     from runtime.io import OutputFolder, preflight
     from runtime.sources import record_text
     from runtime.state import RECIPE_FILE, SCALES_FILE
@@ -38,7 +39,7 @@ def _train(argv: list[str] | None) -> int:
     group = init_from_env(device)
     try:
         unit = OutputFolder(args.run_dir, own_files=(SCALES_FILE, RECIPE_FILE))
-        exports = sorted(p.name for p in unit.folder.glob("*.onnx")) if unit.folder.is_dir() else []
+        exports = exports_in(unit.folder)
         if exports:
             raise ConfigError(f"{unit.folder} is an export folder ({', '.join(exports)}): sasq-train would replace the "
                               "scales its export was written with; train into a folder of its own (then sasq-export "
