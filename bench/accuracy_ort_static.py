@@ -1,4 +1,4 @@
-"""ONNX Runtime ``quantize_static`` baselines for the accuracy benchmark (issue 4), on CPU.
+"""ONNX Runtime ``quantize_static`` baselines for the accuracy benchmark, on CPU.
 
 Quantizes the float export's 210 weight MatMuls with ORT's MinMax, Percentile and Entropy
 calibrators (QDQ, uint8 activations per tensor, int8 weights per channel) on validation windows,

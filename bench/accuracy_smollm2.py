@@ -1,4 +1,4 @@
-"""Accuracy benchmark (issue 4): SASQ against real baselines on SmolLM2-135M, WikiText-2 raw
+"""Accuracy benchmark: SASQ against real baselines on SmolLM2-135M, WikiText-2 raw
 test, full protocol (all non-overlapping windows of 2048 tokens).
 
 Stages (each writes a JSON under ``bench/results/accuracy_smollm2/``; ``report`` merges them):

@@ -2,7 +2,7 @@
 
 Rows (batch 1, all on this machine in one run): PyTorch FP32; ONNX Runtime FP32 (our float
 export, KV cache); ORT ``quantize_dynamic`` (per-channel INT8 weights, ``reduce_range``: its
-best setting here, ANCHORS.md); ORT ``quantize_static`` (QDQ, Percentile, per-channel,
+best setting here); ORT ``quantize_static`` (QDQ, Percentile, per-channel,
 ``reduce_range``: its best setting here); and ours, SASQ-trained and exported, for each profile
 that runs on this CPU: ``cpu-avx2`` (also with INT8 lm_head and embedding), ``cpu-vnni`` (the
 8-bit-weight grid: it runs here, but AVX2's saturating kernel makes it inexact: the row shows
@@ -408,7 +408,7 @@ def markdown(r: dict) -> str:
         for name, per in r["greedy_agreement"].items():
             lines.append(f"| {LABELS[name]} | " + " | ".join(str(per[p]) for p in PROMPTS) + " |")
     if r["targets"]:
-        lines += ["", "Targets (issue 3, ratios from this run):", ""]
+        lines += ["", "Targets (ratios from this run):", ""]
         lines += [f"- {k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()]
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""Where static W8A8 loses quality on a domain its scales never saw (issue 10): SmolLM2-135M on
+"""Where static W8A8 loses quality on a domain its scales never saw: SmolLM2-135M on
 source code (bench/domains.py, the first 6 windows of 512 tokens), in PyTorch, each row against
 FP32:
 
@@ -7,7 +7,7 @@ FP32:
 - SmoothQuant static (alpha 0.5), scales calibrated on WikiText-2 validation;
 - the same recipe calibrated on code itself (MSE, 4 other code windows): what calibrating on the
   user's domain recovers;
-- the committed best SASQ state (cross-entropy on WikiText, issue 4).
+- the committed best SASQ state (cross-entropy on WikiText).
 
     python bench/domain_gap.py        # about 3 minutes on 2 cores
 

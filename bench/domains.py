@@ -1,5 +1,5 @@
 """Evaluation text from domains no calibration or training text comes from, rebuilt offline from
-files that ship with Python or Debian (issue 10). Deterministic for a given Python and OS:
+files that ship with Python or Debian. Deterministic for a given Python and OS:
 
 - ``code``: CPython's standard-library sources (``*.py`` of the stdlib folder, tests and
   ``pydoc_data`` left out), files in a seeded shuffled order;

@@ -1,4 +1,4 @@
-"""Per family (issue 11): the tiny seeded model of tests/test_families.py (2 layers, hidden 64),
+"""Per family: the tiny seeded model of tests/test_families.py (2 layers, hidden 64),
 SASQ (3 steps, learned smoothing factors) then exported as the traced graph (profile trt) and,
 for the families it covers, the fused CPU graph (cpu-vnni): export time, node and Q/DQ counts,
 ONNX Runtime against the PyTorch twin (max |logit difference|, top-1 agreement on 2 x 48 tokens),

@@ -1,4 +1,4 @@
-"""Memory and time of ``sasq-export`` against model size (issue 11): random-initialised
+"""Memory and time of ``sasq-export`` against model size: random-initialised
 Llama-shaped models saved in bf16 safetensors, exported on this machine with the plain command,
 each in its own process.
 

@@ -1,8 +1,8 @@
 """Check that optimum's ``ORTModelForCausalLM`` loads an exported folder and generates the same
 greedy tokens as ``runtime.generate``.
 
-optimum-onnx pins transformers < 4.58, so it cannot live in the project's environment
-(DESIGN.md); this script runs it in a side environment given by ``--optimum-python``:
+optimum-onnx pins transformers < 4.58, so it cannot live in the project's environment; this script
+runs it in a side environment given by ``--optimum-python``:
 
     python3.11 -m venv /tmp/optvenv && /tmp/optvenv/bin/pip install torch==2.13.0 "optimum-onnx[onnxruntime]"
     python bench/optimum_compat.py out/smollm2/model.onnx --optimum-python /tmp/optvenv/bin/python

@@ -1,4 +1,4 @@
-"""Quality that holds on text the scales never saw (issue 10): SmolLM2-135M-Instruct
+"""Quality that holds on text the scales never saw: SmolLM2-135M-Instruct
 (Q4_1-dequantized) on this 2-core CPU.
 
 Stages (each appends to ``bench/results/quality_smollm2/<stage>.json``, resumable; ``report``
@@ -314,7 +314,7 @@ LABELS = {
     "fp32": "FP32 (ONNX Runtime, our float export)",
     "dynamic": "dynamic per-token W8A8 (PyTorch: not exportable)",
     "smoothquant": "SmoothQuant static (absmax, alpha searched, no training)",
-    "sasq-ce-best": "SASQ, cross-entropy on WikiText (issue 4's best: 2048 x 200 steps, GPU)",
+    "sasq-ce-best": "SASQ, cross-entropy on WikiText (the best end-to-end run: 2048 x 200 steps, GPU)",
     "sasq-ce-wiki": "SASQ, cross-entropy on WikiText, 512 x 50",
     "sasq-kd-wiki": "SASQ, distillation on WikiText, 512 x 50",
     "sasq-kd-self": f"SASQ, distillation on self-generated text ({SELF}), 512 x 50",
@@ -350,7 +350,7 @@ def report_stage(args) -> None:
     fp32 = rows.get("fp32", {})
     result = {"model": "SmolLM2-135M-Instruct (Q4_1-dequantized)", "curve": curve, "variants": variants, "default": default,
               "eval": ev, "domains": DOMAIN_NAMES}
-    lines = ["# Quality on text the scales never saw (issue 10)", "",
+    lines = ["# Quality on text the scales never saw", "",
              "SmolLM2-135M-Instruct (Q4_1-dequantized). Every exported row is the fused cpu-vnni graph on ONNX Runtime "
              "(2 threads, this CPU); PPL per domain and its ratio to FP32. Calibration and training read WikiText-2 "
              "*validation* (or self-generated text); code, docs and legal come from text that ships with Python and "

@@ -1,5 +1,5 @@
-"""Where static W8A8 loses SmolLM2-135M's quality, and what rotating the linears' inputs buys
-(issue 10): PyTorch fake-quant, the first 6 windows of 512 tokens of WikiText-2 test and of
+"""Where static W8A8 loses SmolLM2-135M's quality, and what rotating the linears' inputs buys:
+PyTorch fake-quant, the first 6 windows of 512 tokens of WikiText-2 test and of
 code (bench/domains.py), each row's perplexity over FP32's.
 
 Part 1 starts from the default command's state before rotation (the default recipe with
@@ -198,7 +198,7 @@ def write(result: dict) -> None:
 
 def _analysis_lines(result: dict) -> list[str]:
     fp32, part1, part2 = result["fp32_ppl"], result["float_back"], result["rotation"]
-    lines = ["# Where static W8A8 loses quality, and rotating the linears' inputs (issue 10)", "",
+    lines = ["# Where static W8A8 loses quality, and rotating the linears' inputs", "",
              f"`python bench/rotation_smollm2.py`: SmolLM2-135M-Instruct, PyTorch fake-quant, the first {WINDOWS} windows of "
              f"{SEQ} tokens of WikiText-2 test and of code; perplexity over FP32 (wiki {fp32['wiki']:.3f}, code "
              f"{fp32['code']:.3f}).", "",

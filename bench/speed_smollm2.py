@@ -1,4 +1,4 @@
-"""CPU speed against the runtimes engineers pick instead (issue 12): SmolLM2-135M-Instruct, batch 1,
+"""CPU speed against the runtimes engineers pick instead: SmolLM2-135M-Instruct, batch 1,
 2 threads, this machine, one run with the rows interleaved.
 
 Rows: ONNX Runtime FP32 (our float export, traced); ours (the fused CPU graph, profile auto, with

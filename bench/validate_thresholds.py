@@ -113,7 +113,7 @@ def main() -> None:
     proto = onnx.load(str(good))
     cases = dict(faults.seeded_faults(proto))
     mid = faults.middle_layer(proto).split(".")[2]
-    cases["RMSNorm epsilon x10 (below the bar: see README)"] = lambda m: faults.rms_epsilon_times(m, int(mid), 10.0)
+    cases["RMSNorm epsilon x10 (below the bar: see docs/VALIDATION.md)"] = lambda m: faults.rms_epsilon_times(m, int(mid), 10.0)
     for name, edit in cases.items():
         bad = faults.write_faulty(good.parent, work / "faults" / "".join(c if c.isalnum() else "_" for c in name), edit)
         rep = validate(bad)

@@ -3,7 +3,7 @@
 ``QDQLinear`` and ``Int8Embedding`` are trace-only modules: their forward emits
 ``torch.ops.quantized_decomposed`` quantize/dequantize ops with Python-float scales, which the
 dynamo ONNX exporter turns into ``QuantizeLinear``/``DequantizeLinear`` with constant scales and
-INT8 weight initializers (DESIGN.md, "Export path"). Each activation scale goes from the state
+INT8 weight initializers. Each activation scale goes from the state
 into the module exactly once; each weight's codes come from ``runtime.grids.encode_weight``, the
 function the training side uses too. ``lowered(model, state)`` swaps them in for tracing and
 always puts the caller's modules back, so export never changes the model it is given.

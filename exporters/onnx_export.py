@@ -356,7 +356,8 @@ def export_onnx(
         props[META_FILES] = json.dumps(manifest(stage, [p.name for p in stage.iterdir() if p.name != data_name]))
         proto = set_metadata(proto, props)
         proto.producer_name, proto.producer_version = "sasq-edge", __version__
-        stages.done("wrote config, tokenizer and scales")
+        stages.done("wrote " + ", ".join(["config"] + ["tokenizer"] * (tokenizer is not None) + ["scales"] * (state is not None)
+                                         + ["genai_config"] * (kind == "fused")))
         stages.start(f"saving {out_path.name}" + (" with external data" if external else ""))
         staged = stage / out_path.name
         if external and not streamed:

@@ -1,5 +1,5 @@
 """ONNX Runtime's own static quantizer as a baseline: ``quantize_static`` (QDQ) applied to our
-float export, calibrated on the same validation windows as SASQ (issue 4's baseline set)."""
+float export, calibrated on the same validation windows as SASQ."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def quantize_static_baseline(
     activations per tensor, int8 weights) calibrated on ``windows``; write ``out_onnx`` atomically.
 
     Returns the settings and the calibration time. ``reduce_range`` (7-bit weights) is what
-    AVX2 CPUs without VNNI need to avoid saturation in ORT's u8s8 kernel (ANCHORS.md).
+    AVX2 CPUs without VNNI need to avoid saturation in ORT's u8s8 kernel.
     ``weight_matmuls_only`` quantizes just the MatMuls whose second input is a weight
     initializer (the decoder linears SASQ quantizes) rather than also the attention products.
     """

@@ -1,4 +1,4 @@
-"""WikiText-2 text and token windows (DESIGN.md, "Perplexity protocol"), BOS-aware.
+"""WikiText-2 text and token windows (docs/METHOD.md, the perplexity protocol), BOS-aware.
 
 Evaluation uses the raw test split only; calibration and scale training use the validation
 split only. Other text (a ``--data`` spec: files, hub datasets, mixes) is read by
@@ -107,7 +107,7 @@ def _token_id(tokenizer, token) -> int | None:
 
 
 def bos_id(tokenizer, tokenizer_config: dict | None = None) -> int | None:
-    """The token every window starts with, or None (DESIGN.md, "Perplexity protocol"): the BOS
+    """The token every window starts with, or None (docs/METHOD.md, the perplexity protocol): the BOS
     token when the tokenizer prepends it by default (its post-processor: ``tokenizer("x")`` starts
     with one token more than the text's own, as Llama-2/3 and Gemma do), or when
     ``tokenizer_config`` (the ``tokenizer_config.json`` beside it) says ``add_bos_token: true``

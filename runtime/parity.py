@@ -15,7 +15,7 @@ divergence does not accumulate, so a correct export stays at one block's noise a
 block that leaves it is named. The integer replay of every quantized linear is
 ``runtime.replay``.
 
-Every threshold is measured (bench/validate_thresholds.py; README, "Validation"): the noise of
+Every threshold is measured (bench/validate_thresholds.py; docs/VALIDATION.md): the noise of
 correct exports against the smallest seeded fault.
 """
 
@@ -32,7 +32,7 @@ from runtime.perplexity import token_nll
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The bars of each check (README, "Validation", gives the measurements behind them)."""
+    """The bars of each check (docs/VALIDATION.md, gives the measurements behind them)."""
 
     kl_mean: float = 0.5  # max mean per-token KL(twin || onnx), nats
     kl_p99: float = 3.0  # max 99th percentile of the per-token KL, nats

@@ -1,4 +1,4 @@
-"""ONNX-side perplexity over the same windows the torch side uses (DESIGN.md protocol)."""
+"""ONNX-side perplexity over the same windows the torch side uses (docs/METHOD.md, the perplexity protocol)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Deploy profiles: how one set of trained scales is encoded for a target (DESIGN.md, "Deploy
-grids"), and picking one from the CPU this runs on. Plain data; no torch.
+"""Deploy profiles: how one set of trained scales is encoded for a target
+(the README's deploy profiles), and picking one from the CPU this runs on. Plain data; no torch.
 
 Training and calibration fake-quantize on exactly these grids, so the PyTorch model and the
 deployed integer model compute the same values. ``session_options`` are the ONNX Runtime session

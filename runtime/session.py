@@ -220,7 +220,7 @@ def provider_options(providers: list[str], path: Path, quantized: bool) -> list[
     """ORT provider entries with the options each needs. TensorRT: INT8 enabled for Q/DQ models
     (TensorRT then takes the graph's scales: explicit quantization, no calibration table), FP16
     for the float layers, and its engine cached beside the model (the first build takes minutes).
-    Not run in this project's CI, which has no GPU: see README, Limits."""
+    Not run in this project's CI, which has no GPU: see docs/METHOD.md, Limits."""
     out: list[str | tuple[str, dict[str, str]]] = []
     for name in providers:
         if name == PROVIDERS["tensorrt"]:

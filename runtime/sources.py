@@ -1,5 +1,5 @@
 """Where calibration and evaluation text comes from: one ``--data`` spec, parsed, read and cut
-into windows here (README, "Data"). The device side: the standard library and numpy;
+into windows here (docs/DATA.md). The device side: the standard library and numpy;
 ``datasets`` only lazily, for hub ids and ``.parquet`` files. What needs the torch model (text
 sampled from it, ``self:N``) or a transformers tokenizer (chat templates) is passed in by the
 method (``sasq_edge.data``) as two callables, so the device commands read ``.txt`` and

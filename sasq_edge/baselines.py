@@ -1,5 +1,5 @@
 """The accuracy baselines SASQ is measured against, each a real implementation on the same
-windows and the same calibration text (issue 4). They use the method; the method never imports
+windows and the same calibration text. They use the method; the method never imports
 them (tests/test_layers.py checks it).
 
 - ``fp32`` / ``fp16``: the float model (FP16 on a GPU, or a CPU with AVX512-FP16);

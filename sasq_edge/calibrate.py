@@ -49,7 +49,7 @@ def make_observer(config: QuantConfig, grid: IntGrid) -> ScaleObserver:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig) -> dict[str, float]:
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig, progress: bool = True) -> dict[str, float]:
     """Set every activation scale of a prepared model from float activations on ``batches``
     (token id tensors ``(B, T)``), then switch the quantizers to fake quantization.
 
@@ -66,7 +66,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantCo
             obs = observers[name]
             handles.append(m.register_forward_pre_hook(lambda m, args, obs=obs: obs.update(m.quantizer_input(args[0]))))
         with quant_mode(model, "float"):
-            for ids in tqdm(list(batches), desc="calibrate", unit="batch"):
+            for ids in tqdm(list(batches), desc="calibrate", unit="batch", disable=not progress):
                 model(input_ids=ids.to(device))
     finally:
         for h in handles:

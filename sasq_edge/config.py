@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.profiles import DeployProfile, get_profile
+from runtime.profiles import AUTO, DeployProfile, get_profile, resolve_profile
 from runtime.state import EMBEDDINGS
 from sasq_edge.errors import ConfigError
 
@@ -62,6 +62,8 @@ class QuantConfig:
     block_windows: int = 16
 
     def __post_init__(self) -> None:
+        if self.profile == AUTO:  # the profile this machine's CPU runs exactly (runtime.profiles.detect_profile)
+            object.__setattr__(self, "profile", resolve_profile(AUTO)[0])
         get_profile(self.profile)
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"unknown calibration {self.calibration!r}: choose one of {', '.join(CALIBRATIONS)}")

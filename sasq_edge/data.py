@@ -1,4 +1,4 @@
-"""The method's side of the data (README, "Data"): what needs a transformers tokenizer or the
+"""The method's side of the data (docs/DATA.md): what needs a transformers tokenizer or the
 torch model. Chat rows are rendered with the tokenizer's chat template; ``self:N`` samples text
 from the float model itself (data-free calibration, LLM-QAT: Liu et al. 2023, "LLM-QAT: Data-Free
 Quantization Aware Training for Large Language Models", section 2.1), cached on disk so it is

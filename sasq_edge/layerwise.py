@@ -1,4 +1,4 @@
-"""Models bigger than memory, one decoder layer at a time (issue 11).
+"""Models bigger than memory, one decoder layer at a time.
 
 ``LayerwiseModel`` is the model's skeleton on the meta device (no memory) whose modules are filled
 from the checkpoint's safetensors files on demand, one decoder layer (or the embedding, the final

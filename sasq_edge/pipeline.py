@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from runtime.data import check_context, sample_windows
 from runtime.sources import CALIBRATION, DEFAULT_SPEC, DataSpec, WindowSet
@@ -89,7 +90,8 @@ def _batches(windows: np.ndarray) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(w))[None] for w in windows]
 
 
-def quantize_ptq(model: nn.Module, config: QuantConfig, calib: np.ndarray, group: Group = SINGLE) -> dict[str, torch.Tensor]:
+def quantize_ptq(model: nn.Module, config: QuantConfig, calib: np.ndarray, group: Group = SINGLE,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
     """Smooth (if ``config.smooth_alpha``), prepare and calibrate ``model`` in place: static PTQ.
     Returns the smoothing factors folded into it (empty without smoothing). With several ranks in
     ``group``, rank 0 computes the factors and the scales and every rank gets them: the same
@@ -99,12 +101,12 @@ def quantize_ptq(model: nn.Module, config: QuantConfig, calib: np.ndarray, group
     batches = _batches(calib)
     factors = {}
     if config.smooth_alpha is not None:
-        factors = group.from_main(lambda: smooth_model(model, batches, config.smooth_alpha, config.targets))
+        factors = group.from_main(lambda: smooth_model(model, batches, config.smooth_alpha, config.targets, progress))
         if not group.is_main:
             fold_factors(model, factors)  # rank 0 folded them while computing them
     prepare(model, config)
     if group.is_main:
-        calibrate(model, batches, config)
+        calibrate(model, batches, config, progress)
     else:
         set_mode(model, "fake")
     group.broadcast_(scale_parameters(model))
@@ -121,11 +123,11 @@ def search_smooth_alpha(model: nn.Module, config: QuantConfig, calib: np.ndarray
     ``calibration`` overrides the config's initialiser for the tries (absmax is what SmoothQuant
     calibrates with, and is far cheaper than MSE)."""
     ppl = {}
-    for a in alphas:
+    for a in tqdm(alphas, desc="smoothing strength (held-out perplexity of each alpha)", unit="alpha", leave=False):
         cfg = dataclasses.replace(config, smooth_alpha=a, smooth_learn=False, train_steps=0,
                                   calibration=calibration or config.calibration)
         trial = copy.deepcopy(model)
-        quantize_ptq(trial, cfg, calib)
+        quantize_ptq(trial, cfg, calib, progress=False)
         ppl[a] = perplexity(trial, select, desc=f"alpha {a}", progress=False).ppl
         del trial
     finite = {a: p for a, p in ppl.items() if math.isfinite(p)}

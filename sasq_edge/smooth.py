@@ -103,11 +103,12 @@ def recording_absmax(model: nn.Module, groups: dict[str, SmoothGroup]) -> Iterat
 
 
 @torch.no_grad()
-def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: dict[str, SmoothGroup]) -> dict[str, torch.Tensor]:
+def channel_absmax(model: nn.Module, batches: Iterable[torch.Tensor], groups: dict[str, SmoothGroup],
+                   progress: bool = True) -> dict[str, torch.Tensor]:
     """Per-input-channel ``max |x|`` of each group's input over ``batches`` (float model)."""
     with recording_absmax(model, groups) as stats:
         device = next(model.parameters()).device
-        for ids in tqdm(list(batches), desc="smooth stats", unit="batch"):
+        for ids in tqdm(list(batches), desc="smooth stats", unit="batch", disable=not progress):
             model(input_ids=ids.to(device))
     missing = sorted(set(groups) - set(stats))
     if missing:
@@ -152,7 +153,7 @@ def fold_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def smooth_model(model: nn.Module, batches: Iterable[torch.Tensor], alpha: float,
-                 targets: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+                 targets: Iterable[str] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
     """Compute SmoothQuant factors with migration strength ``alpha`` from the float model's
     activations on ``batches``, fold them in, and return them (float32, on the CPU). Smoothing
     comes before ``prepare``: the factors change the float weights the INT8 weights come from."""
@@ -161,7 +162,7 @@ def smooth_model(model: nn.Module, batches: Iterable[torch.Tensor], alpha: float
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ConfigError("smooth the float model before prepare(): this model is already prepared")
     groups = smooth_groups(model, targets)
-    stats = channel_absmax(model, list(batches), groups)
+    stats = channel_absmax(model, list(batches), groups, progress)
     factors = smoothquant_factors(model, groups, stats, alpha)
     fold_factors(model, factors)
     return factors

@@ -1,7 +1,7 @@
 """The twin's side of ``sasq-validate``: what the PyTorch fake-quant model (rebuilt by
 ``apply_state``) says each check should see, and the run of every check on an export folder.
 
-Checks (each measured against a threshold, README "Validation"):
+Checks (each measured against a threshold, docs/VALIDATION.md):
 
 1. fusion: every quantized linear runs as an integer kernel on ONNX Runtime's CPU graph
    (``runtime.fusion``);

@@ -1,5 +1,5 @@
 """Fingerprint of an exported QDQ graph: what must stay bit-identical when the code around the
-export changes (issue 9): every Q/DQ scale and zero point, every integer initializer, and the
+export changes: every Q/DQ scale and zero point, every integer initializer, and the
 float initializers, each hashed with its dtype and shape (names excluded, so a rename of a tensor
 does not count as a change of the model), plus the Q/DQ and MatMul counts.
 

@@ -1,4 +1,4 @@
-"""``--data`` (README, "Data"): every source format, chat templates, text sampled from the float
+"""``--data`` (docs/DATA.md): every source format, chat templates, text sampled from the float
 model and its cache, weighted mixes, BOS-aware windows on both sides, and each refused input
 with its one-line message and exit code. Tiny fixtures written to tmp_path; nothing reaches the
 network (``datasets`` reads local folders, or is replaced by a stand-in for hub ids)."""

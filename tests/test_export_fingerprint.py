@@ -1,4 +1,4 @@
-"""The exported model does not move when the code around it changes (issue 9): for three committed
+"""The exported model does not move when the code around it changes: for three committed
 scale states, applying the state to the tiny model and exporting it gives initializers bit-identical
 to the committed fingerprint, and the same ONNX Runtime perplexity."""
 

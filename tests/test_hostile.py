@@ -1,8 +1,8 @@
-"""Hostile input and faults (issue 13): bad arguments, files that are not what they claim, paths
+"""Hostile input and faults: bad arguments, files that are not what they claim, paths
 that cannot be written, full and read-only disks, kills at every stage of an export and a
 training run, concurrent runs, a closed stdout, internal errors. Each case asserts the message,
 the exit code (0 ok, 1 check failed, 2 user error, 3 internal error) and the folder's state
-afterwards. The README's reliability table lists these cases.
+afterwards. docs/RELIABILITY.md's table lists these cases.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Models bigger than memory (issue 11), on the tiny model saved as a checkpoint folder: reading it
+"""Models bigger than memory, on the tiny model saved as a checkpoint folder: reading it
 one decoder layer at a time exports bit-identical files to the whole-model path, layer-by-layer
 calibration gives the whole-model scales, and the command line takes that path when asked."""
 

@@ -51,7 +51,7 @@ def test_real_greedy_generation_against_torch(int8_model):
     measured at layer 0's q/k/v input) takes another integer code, and the difference grows through
     30 layers until a near-tied top-2 flips. Measured agreement of the greedy tokens (common
     prefix, out of 32) on this machine: 5, 18, 32 and 28 for the four prompts below, so equality
-    for 32 tokens is NOT asserted on the full model (README, Limits). What this test holds: the
+    for 32 tokens is NOT asserted on the full model (docs/METHOD.md, Limits). What this test holds: the
     cached graph produces the same first token as PyTorch for every prompt, and along PyTorch's own
     trajectory most next-token choices agree (measured 0.72 and up per prompt)."""
     lm, _, res = int8_model

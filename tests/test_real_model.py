@@ -89,7 +89,7 @@ def _parity(model, sess, windows):
 
 def test_real_two_layer_parity(smollm2_dir, tmp_path):
     """Real weights and activations, first 2 decoder layers: too shallow for code flips to grow,
-    so ORT must match the PyTorch fake-quant model to the issue's bar (0.5 %, 99 % top-1)."""
+    so ORT must match the PyTorch fake-quant model to the bar (0.5 %, 99 % top-1)."""
     from transformers import AutoModelForCausalLM
 
     lm = load_model(str(smollm2_dir))

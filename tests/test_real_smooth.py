@@ -54,7 +54,7 @@ def test_smoothing_keeps_logits_and_tames_the_massive_activations(lm, valid):
     ids = torch.from_numpy(valid[:1])
     model = copy.deepcopy(lm.model)
     before = _input_absmax(model, MASSIVE, ids)
-    assert min(before.values()) > 1000  # the outliers ANCHORS.md names (3384 and 2377 on test text)
+    assert min(before.values()) > 1000  # the known outliers (3384 and 2377 on test text)
     smooth_model(model, [torch.from_numpy(w)[None] for w in valid[1:5]], alpha=0.9)
     after = _input_absmax(model, MASSIVE, ids)
     assert max(after.values()) < 10

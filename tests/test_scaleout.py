@@ -1,4 +1,4 @@
-"""Scale-out (issue 11): data-parallel training over two real gloo processes equals one process
+"""Scale-out: data-parallel training over two real gloo processes equals one process
 with the global batch; bf16 weights and activation checkpointing; the memory estimate against a
 measured peak, and the one-line refusal of a run that will not fit."""
 

@@ -98,7 +98,7 @@ CAUGHT = {
     "session options disable Q/DQ fusion": {"replay", "fusion", "session_options"},
     # ONNX Runtime 1.32's CPU graph converts int8 Q/DQ to uint8 (zero point 128) without the option
     # and still runs MatMulIntegerToFloat: the outputs are bit for bit the same, so only the
-    # recorded options show it (README, Validation)
+    # recorded options show it (docs/VALIDATION.md)
     "session option qdqisint8allowed lost": {"session_options"} | LOST_OPTION_REPLAY,
 }
 CASES = [(graph, fault) for graph in GRAPHS for fault in CAUGHT
@@ -127,7 +127,7 @@ def test_seeded_fault_is_caught(exports, data_dir, tmp_path, capsys, graph, faul
         assert rep["blocks"]["first_failure"] == "layer 1" and "first stage to leave float noise: layer 1" in text
         assert rep["replay"]["passed"]  # a float op: the integer replay cannot see it, the blocks do
     # end to end, this 2-layer model moves by far less than the distribution bars: only the computed
-    # checks see these faults (README, Validation)
+    # checks see these faults (docs/VALIDATION.md)
     assert rep["kl_mean"] < Thresholds().kl_mean / 100
 
 

@@ -47,7 +47,7 @@ def _baseline(argv: list[str] | None) -> int:
     add_data_args(p)
     p.add_argument("--calib-data", default="wikitext2", metavar="SPEC",
                    help="calibration text, the same syntax as --data (default wikitext2: its validation split)")
-    recipe.add_train_args(p)
+    recipe.add_train_args(p, train=False)
     p.add_argument("--float-onnx", help="ort-*: the float export to quantize (sasq-export --float)")
     p.add_argument("--out", help="ort-*: where to write the quantized .onnx")
     p.add_argument("--calib-seq-len", type=int_at_least(2), default=512,

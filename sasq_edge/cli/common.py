@@ -101,7 +101,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
 
-DATA_EPILOG = """data (--data SPEC): one source, or a mix W1*SOURCE1,W2*SOURCE2,... (README, "Data")
+DATA_EPILOG = """data (--data SPEC): one source, or a mix W1*SOURCE1,W2*SOURCE2,... (docs/DATA.md)
   wikitext2                  WikiText-2 (the default): its validation split to calibrate and train, its
                              raw test split to evaluate; from --data-dir / $SASQ_DATA_DIR, else the hub
   FILE.txt                   your own text, the whole file (any suffix but .jsonl/.json/.parquet is text)

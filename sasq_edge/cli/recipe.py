@@ -12,8 +12,9 @@ from sasq_edge.cli.common import float_in, int_at_least
 from sasq_edge.config import AUTO_ALPHA, CALIBRATIONS, LR_SCHEDULES, OBJECTIVES, RECIPES, TRUNCATIONS, QuantConfig
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Every option of the method; each left unset takes the value of the ``--recipe`` preset."""
+def add_train_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    """Every option of the method; each left unset takes the value of the ``--recipe`` preset.
+    ``train=False`` (``sasq-baseline``): only the calibration options, none it would ignore."""
     d = QuantConfig.from_recipe("default")
     p.add_argument("--recipe", default="default", choices=list(RECIPES),
                    help="preset to start from (default: default, the recipe measured best within the CPU budget; fast: "
@@ -25,19 +26,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float_in(50, 100, low_open=True), help="percentile for --calibration percentile")
     p.add_argument("--calib-batches", type=int_at_least(1),
                    help=f"calibration windows (default {d.calib_batches}; capped at what the text holds, said)")
+    p.add_argument("--seed", type=int_at_least(0))
+    p.add_argument("--smooth-alpha",
+                   help="fold SmoothQuant per-channel factors with this strength (0..1) into the preceding RMSNorm / "
+                        f"linear before quantizing; '{AUTO_ALPHA}' searches it on held-out validation windows; 'off' "
+                        f"(default {d.smooth_alpha})")
+    p.add_argument("--device", default="cpu", help="torch device for calibration and training: cpu or cuda (default cpu)")
+    if not train:
+        return
     p.add_argument("--truncation", help=f"outlier truncation: {', '.join(TRUNCATIONS)} (default {d.truncation})")
     p.add_argument("--train-steps", type=int_at_least(0), help=f"scale-training steps, 0 = PTQ only (default {d.train_steps})")
     p.add_argument("--lr", type=float_in(0, low_open=True), help=f"Adam learning rate on log-scales (default {d.lr})")
     p.add_argument("--batch-size", type=int_at_least(1),
                    help="windows per training step and process: the global batch is this times the processes accelerate "
                         f"launch starts (default {d.batch_size})")
-    p.add_argument("--seed", type=int_at_least(0))
     p.add_argument("--int8-lm-head", action="store_true", help="quantize the output head too (INT8 weight, trained activation scale)")
     p.add_argument("--int8-embedding", action="store_true", help="store the embedding table as weight-only per-row INT8")
-    p.add_argument("--smooth-alpha",
-                   help="fold SmoothQuant per-channel factors with this strength (0..1) into the preceding RMSNorm / "
-                        f"linear before quantizing; '{AUTO_ALPHA}' searches it on held-out validation windows; 'off' "
-                        f"(default {d.smooth_alpha})")
     p.add_argument("--smooth-learn", action=argparse.BooleanOptionalAction,
                    help=f"train the smoothing factors too (default {'on' if d.smooth_learn else 'off'})")
     p.add_argument("--lr-schedule", help=f"learning-rate schedule: {', '.join(LR_SCHEDULES)} (default {d.lr_schedule})")
@@ -45,9 +49,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"training loss: {' or '.join(OBJECTIVES)}; ce = next-token cross-entropy on the text, kd = "
                         f"distillation, the KL from the float model's next-token distribution (default {d.objective})")
     p.add_argument("--rotate-block", type=int_at_least(0),
-                   help="rotate the input of each MLP down projection online in Hadamard blocks of this size (a power "
-                        "of two; the largest that divides the layer's width is used) so one static scale fits its "
-                        f"outliers; 0 = off (default {d.rotate_block})")
+                   help="rotate the inputs of q/k/v, gate/up and the down projection online in Hadamard blocks of this "
+                        "size (a power of two; the largest that divides the layer's width is used) so one static scale "
+                        f"fits their outliers; 0 = off (default {d.rotate_block})")
     p.add_argument("--blockwise", action=argparse.BooleanOptionalAction,
                    help="train the scales block by block against each float decoder block's output, one block in memory "
                         "at a time (every model size), then --train-steps end-to-end steps where the whole model fits; "
@@ -55,7 +59,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-steps", type=int_at_least(0), help=f"training steps per block (default {d.block_steps})")
     p.add_argument("--block-windows", type=int_at_least(1),
                    help=f"windows the block-wise pass captures and trains on (default {d.block_windows})")
-    p.add_argument("--device", default="cpu", help="torch device for calibration and training: cpu or cuda (default cpu)")
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -72,8 +75,7 @@ def add_scaleout_args(p: argparse.ArgumentParser) -> None:
                    help="recompute each decoder block in the backward pass instead of keeping its activations (same "
                         "scales, less memory, about a third more time)")
     p.add_argument("--no-memory-check", action="store_true",
-                   help="train even where the estimated peak memory exceeds the memory free (README, 'Training on many "
-                        "processes / a GPU')")
+                   help="train even where the estimated peak memory exceeds the memory free (docs/SCALING.md)")
 
 
 def torch_dtype(args: argparse.Namespace):
@@ -137,8 +139,8 @@ def config(args: argparse.Namespace) -> QuantConfig:
             over["smooth_learn"] = False  # --smooth-alpha off: nothing to learn on top
     if getattr(args, "seq_len", None) is not None:
         over["seq_len"] = args.seq_len
-    return QuantConfig.from_recipe(args.recipe, profile=profile(args), lm_head=args.int8_lm_head,
-                                   embedding="int8" if args.int8_embedding else "float", **over)
+    return QuantConfig.from_recipe(args.recipe, profile=profile(args), lm_head=getattr(args, "int8_lm_head", False),
+                                   embedding="int8" if getattr(args, "int8_embedding", False) else "float", **over)
 
 
 def device(args: argparse.Namespace):

@@ -1,5 +1,5 @@
 """sasq-validate: prove that an export computes what its PyTorch fake-quant twin (rebuilt from the
-folder's scale state) computes. Checks, each against a measured threshold (README, "Validation"):
+folder's scale state) computes. Checks, each against a measured threshold (docs/VALIDATION.md):
 the fusion check, the session options, the INT8 weights digest, the exact integer replay of every
 quantized linear and the teacher-forced divergence of every decoder block (on the first
 ``--layer-windows`` windows), and the distributions end to end (per-token KL, PPL ratio, confident
