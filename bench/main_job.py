@@ -1,10 +1,11 @@
 """Run the README's main job exactly as written, command by command, and time each stage.
 
-    python bench/main_job.py            # SmolLM2-135M from ../shared/assets, WikiText-2 offline
+    python bench/main_job.py [--model M]   # default: the local SmolLM2-135M-Instruct folder ($SASQ_SMOLLM2_DIR)
 
 The commands are the ``bash`` block under "## The main job" in README.md (tests/test_recipes.py
-keeps it parseable), run in order in one shell with ``MODEL`` and ``SASQ_DATA_DIR`` set as the
-README sets them and a scratch working directory. Writes bench/results/main_job.{json,md}: each
+keeps it parseable), run in order in one shell in a scratch working directory, ``MODEL`` set to ``--model`` (the
+README's hub id needs the hub; this machine has the same checkpoint as a local folder) and
+``SASQ_DATA_DIR`` taken from the environment (WikiText-2 offline). Writes bench/results/main_job.{json,md}: each
 command's exit code, wall time and last output line.
 """
 
@@ -43,15 +44,21 @@ def readme_commands(text: str | None = None) -> list[str]:
 
 
 def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=os.environ.get(
+        "SASQ_SMOLLM2_DIR", str(Path.home() / ".cache" / "sasq-assets" / "smollm2-135m-instruct")))
+    args = p.parse_args()
     commands = readme_commands()
     work = Path(tempfile.mkdtemp(prefix="sasq-main-job-"))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    # the README's paths are relative to a checkout beside ../shared: run from a folder that has it
     (work / "repo").mkdir()
-    os.symlink(ROOT.parent / "shared", work / "shared")
     rows = []
     state = ""  # exports and variables carry from one command to the next, as in one shell
     for cmd in commands:
+        if cmd.startswith("MODEL="):
+            cmd = f"MODEL={args.model}"
         t = time.perf_counter()
         script = f"set -e\n{state}\n{cmd}\n"
         proc = subprocess.run(["bash", "-c", script], cwd=work / "repo", env=env, capture_output=True, text=True)
@@ -67,7 +74,7 @@ def main() -> None:
     out = HERE / "results"
     (out / "main_job.json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# The README's main job, run as written (`python bench/main_job.py`)", "",
-          f"Machine: {res['machine']}. Every command in one shell, in a scratch folder beside `shared/`.", "",
+          f"Machine: {res['machine']}. Every command in one shell, in a scratch folder.", "",
           "| command | exit | wall s | last line |", "|---|---|---|---|"]
     md += [f"| `{r['command']}` | {r['exit']} | {r['wall_s']} | {r['last_line'].replace('|', '/')[:160]} |" for r in rows]
     (out / "main_job.md").write_text("\n".join(md) + "\n")
