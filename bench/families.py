@@ -31,7 +31,6 @@ def main() -> None:
     from test_families import FAMILIES, GRAPHS, _windows
 
     from exporters import export_onnx
-    from exporters.fused import FUSED_FAMILIES
     from exporters.passes import op_counts
     from runtime import open_session
     from runtime.fusion import check_fusion
@@ -44,8 +43,6 @@ def main() -> None:
     ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(5))
     for family in FAMILIES:
         for graph, profile in GRAPHS.items():
-            if graph == "fused" and family.model_type not in FUSED_FAMILIES:
-                continue
             lm = family.build()
             cfg = QuantConfig(profile=profile, seq_len=64, calib_batches=2, train_steps=3, lr=0.05, smooth_alpha=0.5,
                               smooth_learn=True)

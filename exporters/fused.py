@@ -20,13 +20,13 @@ float operations around them are fused. Inputs and outputs keep optimum's names
 ``position_ids`` input (as in ONNX Runtime GenAI's graphs, which this one is loadable by).
 
 Contrib ops run on ONNX Runtime (CPU, CUDA), not TensorRT: the ``trt`` profile keeps the traced
-graph. Families: the Llama-shaped decoders (``FUSED_FAMILIES``); others export traced.
+graph. A config whose rotary embedding changes with the sequence length exports traced
+(``runtime.families.fused_refusal``).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from runtime.graph import cache_names, weight_name, weight_scale_name
+from runtime.families import ARCHITECTURES, activation, embedding_scale, fused_refusal, layer_plan, softcaps
+from runtime.graph import FUSED_FINAL_NORM, FUSED_INPUT_NORM, FUSED_SKIP_NORM, cache_names, fused_scope, weight_name, weight_scale_name
 from runtime.grids import EMBEDDING_GRID, encode_weight
 from runtime.layout import AttentionLayout
 from runtime.rotation import hadamard, rotate_weight
@@ -43,37 +44,11 @@ from runtime.state import ScaleState, weights_digest
 
 OPSET = 21
 MS = "com.microsoft"
-FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+FUSED_FAMILIES = tuple(ARCHITECTURES)  # every registered family (a config may still refuse: fused_refusal)
 
 
 def supports(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", None) in FUSED_FAMILIES
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """What differs between decoder layers of one model."""
-
-    rope: bool
-    window: int  # GroupQueryAttention's local_window_size, -1 for full attention
-
-
-def _layers(config) -> list[_Layer]:
-    n = config.num_hidden_layers
-    types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    out = []
-    for i in range(n):
-        if types:
-            sliding = types[i] == "sliding_attention" and bool(window)
-        else:
-            sliding = bool(window)  # Mistral: one window for every layer when set
-        no_rope = getattr(config, "no_rope_layers", None)
-        rope = bool(no_rope[i]) if no_rope else True
-        # HF keeps the keys kv > q - window; GroupQueryAttention's local_window_size with the same
-        # number attends to the same keys (tests/test_families.py: Mistral and SmolLM3 windows)
-        out.append(_Layer(rope, int(window) if sliding else -1))
-    return out
+    return fused_refusal(model.config) is None
 
 
 class ExternalData:
@@ -191,9 +166,11 @@ class FusedBuilder:
 
     def __init__(self, source: ModelSource, state: ScaleState, max_positions: int | None = None,
                  external: ExternalData | None = None) -> None:
-        if getattr(source.config, "model_type", None) not in FUSED_FAMILIES:
-            raise ValueError(f"no fused graph for {source.config.model_type!r}: supported are {', '.join(FUSED_FAMILIES)}")
+        why = fused_refusal(source.config)
+        if why is not None:
+            raise ValueError(f"no fused graph for this {source.config.model_type!r} model: {why}")
         self.src, self.state, self.cfg = source, state, source.config
+        self.spec = ARCHITECTURES[source.config.model_type]
         self.deploy = state.deploy
         self.lay = AttentionLayout.of(self.cfg)
         self.max_positions = max_positions or self.cfg.max_position_embeddings
@@ -267,6 +244,13 @@ class FusedBuilder:
     # --- the graph ---------------------------------------------------------------------------
 
     def _embed(self, ids: str) -> str:
+        x = self._embed_rows(ids)
+        scale = embedding_scale(self.spec, self.cfg)
+        if scale is None:
+            return x
+        return self.g.one("Mul", [x, self.g.scalar(np.float32(scale), np.float32)], "/model/embed_tokens/Scale")
+
+    def _embed_rows(self, ids: str) -> str:
         g, emb = self.g, self.src.embedding()
         if self.state.embedding != "int8":
             table = g.init("model.embed_tokens.weight", _f32(emb.weight))
@@ -283,22 +267,28 @@ class FusedBuilder:
                       "/model/embed_tokens/Concat", axis=0)
         return g.one("Reshape", [deq, shape], "/model/embed_tokens/Reshape")
 
-    def _rotary_caches(self) -> tuple[str, str]:
-        """cos/sin tables ``(max_positions, head_dim / 2)`` from the model's own rotary module, so
-        RoPE scaling (Llama 3, ...) and its attention scaling come with them."""
+    def _rotary_caches(self, layer_type: str | None) -> tuple[str, str]:
+        """cos/sin tables ``(max_positions, head_dim / 2)`` from the model's own rotary module (for
+        ``layer_type`` where the family has one table per layer type), so RoPE scaling (Llama 3,
+        ...) and its attention scaling come with them; made once per table."""
+        key = f"_{layer_type}" if layer_type else ""
+        if f"cos_cache{key}" in self.g._names:
+            return f"cos_cache{key}", f"sin_cache{key}"
         rotary = self.src.rotary()
         pos = torch.arange(self.max_positions, dtype=torch.long)[None]
         dummy = torch.zeros(1, dtype=torch.float32)
-        with torch.no_grad():
-            cos, sin = rotary(dummy, pos)  # (1, P, head_dim): the halves repeat
+        with torch.no_grad():  # (1, P, head_dim): the halves repeat
+            cos, sin = rotary(dummy, pos, layer_type) if layer_type else rotary(dummy, pos)
         half = cos.shape[-1] // 2
-        return (self.g.init("cos_cache", _f32(cos[0, :, :half])), self.g.init("sin_cache", _f32(sin[0, :, :half])))
+        return (self.g.init(f"cos_cache{key}", _f32(cos[0, :, :half])), self.g.init(f"sin_cache{key}", _f32(sin[0, :, :half])))
 
     def _norm_weight(self, module_name: str) -> str:
-        return self.g.init(f"{module_name}.weight", _f32(self.src.module(module_name).weight))
+        """An RMSNorm's gamma: ``norm_offset + weight`` (Gemma's ``1 + w``), as the kernel multiplies."""
+        w = _f32(self.src.module(module_name).weight)
+        return self.g.init(f"{module_name}.weight", w + np.float32(self.spec.norm_offset) if self.spec.norm_offset else w)
 
     def build(self) -> onnx.ModelProto:
-        g, cfg, lay = self.g, self.cfg, self.lay
+        g, cfg, lay, spec = self.g, self.cfg, self.lay, self.spec
         eps = float(cfg.rms_norm_eps)
         past_names, present_names = cache_names(lay.layers)
         ids, mask = "input_ids", "attention_mask"
@@ -309,39 +299,62 @@ class FusedBuilder:
                         "/model/attn_mask/Cast_seqlens", to=TensorProto.INT32)
         total = g.one("Cast", [g.one("Gather", [g.one("Shape", [mask], "/model/attn_mask/Shape"), g.scalar(1, np.int64)],
                                      "/model/attn_mask/Gather", axis=0)], "/model/attn_mask/Cast_total", to=TensorProto.INT32)
-        cos, sin = self._rotary_caches()
+        attn_cap, _ = softcaps(cfg)
         hidden = self._embed(ids)
-        blocks = "model.layers"
         residual, pending = hidden, None  # pending: the last sublayer's output, added to the residual
-        layers = _layers(cfg)
-        for i, spec in enumerate(layers):
-            p = f"{blocks}.{i}"
-            n = f"/model/layers.{i}"
-            normed, residual = self._add_norm(pending, residual, f"{p}.input_layernorm", f"{n}/input_layernorm", eps)
-            q = self.linear(normed, f"{p}.self_attn.q_proj", f"{n}/attn/q_proj")
-            k = self.linear(normed, f"{p}.self_attn.k_proj", f"{n}/attn/k_proj")
-            v = self.linear(normed, f"{p}.self_attn.v_proj", f"{n}/attn/v_proj")
+        for i, plan in enumerate(layer_plan(cfg)):
+            p = f"{spec.blocks}.{i}"
+            n = fused_scope(i, "")[:-1]
+            normed, residual = self._add_norm(pending, residual, f"{p}.{spec.input_norm}", fused_scope(i, FUSED_INPUT_NORM), eps)
+            q, k, v = self._split(normed, p, spec.qkv, [lay.heads * lay.head_dim, lay.kv_heads * lay.head_dim,
+                                                       lay.kv_heads * lay.head_dim], f"{n}/attn")
             attn_module = self.src.module(f"{p}.self_attn")
-            if hasattr(attn_module, "q_norm"):  # Qwen3: per-head RMSNorm on q and k, before rotary
+            if spec.qk_norm:  # per-head RMSNorm on q and k, before rotary
                 # (GroupQueryAttention's q/k-norm inputs run on CUDA only, so the norm stands before it)
-                q = self._head_norm(q, f"{p}.self_attn.q_norm", lay.heads, f"{n}/attn/q_norm")
-                k = self._head_norm(k, f"{p}.self_attn.k_norm", lay.kv_heads, f"{n}/attn/k_norm")
+                q = self._head_norm(q, f"{p}.{spec.qk_norm[0]}", lay.heads, f"{n}/attn/q_norm")
+                k = self._head_norm(k, f"{p}.{spec.qk_norm[1]}", lay.kv_heads, f"{n}/attn/k_norm")
             gqa_in = [q, k, v, past_names[2 * i], past_names[2 * i + 1], seqlens, total]
-            gqa_in += [cos, sin] if spec.rope else ["", ""]
-            attrs = dict(num_heads=lay.heads, kv_num_heads=lay.kv_heads, do_rotary=int(spec.rope),
-                         local_window_size=spec.window, scale=float(self._attn_scale(attn_module)))
+            gqa_in += list(self._rotary_caches(plan.layer_type if spec.rope_per_layer_type else None)) if plan.rope else ["", ""]
+            attrs = dict(num_heads=lay.heads, kv_num_heads=lay.kv_heads, do_rotary=int(plan.rope),
+                         local_window_size=plan.window, scale=float(self._attn_scale(attn_module)))
+            if attn_cap:
+                attrs["softcap"] = attn_cap
             attn = g.op("GroupQueryAttention", gqa_in, f"{n}/attn/GroupQueryAttention",
                         [f"{n}/attn/output", present_names[2 * i], present_names[2 * i + 1]], domain=MS, **attrs)[0]
-            o = self.linear(attn, f"{p}.self_attn.o_proj", f"{n}/attn/o_proj")
-            normed, residual = self._add_norm(o, residual, f"{p}.post_attention_layernorm", f"{n}/post_attention_layernorm", eps)
-            gate = self.linear(normed, f"{p}.mlp.gate_proj", f"{n}/mlp/gate_proj")
-            up = self.linear(normed, f"{p}.mlp.up_proj", f"{n}/mlp/up_proj")
-            act = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"{n}/mlp/act/Sigmoid")], f"{n}/mlp/act/Mul")
-            pending = self.linear(g.one("Mul", [act, up], f"{n}/mlp/Mul"), f"{p}.mlp.down_proj", f"{n}/mlp/down_proj")
+            o = self.linear(attn, f"{p}.{spec.o_proj}", f"{n}/attn/o_proj")
+            if spec.attn_out_norm:
+                o = self._rms(o, self._norm_weight(f"{p}.{spec.attn_out_norm}"), eps, f"{n}/{spec.attn_out_norm}")
+            normed, residual = self._add_norm(o, residual, f"{p}.{spec.mlp_norm}", f"{n}/{spec.mlp_norm}", eps)
+            gate, up = self._split(normed, p, spec.gate_up, [int(cfg.intermediate_size)] * 2, f"{n}/mlp")
+            pending = self.linear(g.one("Mul", [self._activation(gate, f"{n}/mlp/act"), up], f"{n}/mlp/Mul"),
+                                  f"{p}.{spec.down_proj}", f"{n}/mlp/down_proj")
+            if spec.mlp_out_norm:
+                pending = self._rms(pending, self._norm_weight(f"{p}.{spec.mlp_out_norm}"), eps, f"{n}/{spec.mlp_out_norm}")
             self.src.release(p)
-        normed, _ = self._add_norm(pending, residual, "model.norm", "/model/norm", eps)
+        normed, _ = self._add_norm(pending, residual, spec.final_norm, fused_scope(None, FUSED_FINAL_NORM), eps)
         logits = self._head(normed)
+        _, cap = softcaps(cfg)
+        if cap:  # c * tanh(logits / c)
+            c = g.scalar(np.float32(cap), np.float32)
+            logits = g.one("Mul", [g.one("Tanh", [g.one("Div", [logits, c], "/lm_head/softcap/Div")], "/lm_head/softcap/Tanh"), c],
+                           "/lm_head/softcap/Mul")
         return self._model(logits, past_names, present_names)
+
+    def _split(self, x: str, block: str, names: tuple[str, ...], sizes: list[int], name: str) -> list[str]:
+        """The outputs of the projections ``names`` reading ``x``: one linear each, or one fused
+        linear whose output rows ``Split`` into ``sizes`` (Phi-3's qkv_proj, gate_up_proj)."""
+        leaf = [nm.rsplit(".", 1)[-1] for nm in names]
+        if len(names) == len(sizes):
+            return [self.linear(x, f"{block}.{nm}", f"{name}/{lf}") for nm, lf in zip(names, leaf, strict=True)]
+        y = self.linear(x, f"{block}.{names[0]}", f"{name}/{leaf[0]}")
+        return self.g.op("Split", [y, self.g.init(f"{name}/split_sizes", np.array(sizes, np.int64))], f"{name}/Split",
+                         len(sizes), axis=-1)
+
+    def _activation(self, x: str, name: str) -> str:
+        kind = activation(self.cfg)
+        if kind == "silu":  # x * sigmoid(x)
+            return self.g.one("Mul", [x, self.g.one("Sigmoid", [x], f"{name}/Sigmoid")], f"{name}/Mul")
+        return self.g.one("Gelu", [x], f"{name}/Gelu", approximate="tanh" if kind == "gelu_tanh" else "none")
 
     def _rms(self, x: str, gamma: str, eps: float, name: str) -> str:
         """RMSNorm over the last axis in standard ops (onnx.checker knows them; ONNX Runtime fuses
@@ -355,7 +368,8 @@ class FusedBuilder:
     def _head_norm(self, x: str, module_name: str, heads: int, name: str) -> str:
         """Per-head RMSNorm of ``(B, S, heads * D)``: reshaped to ``(B, S, heads, D)`` and back."""
         g, d = self.g, self.lay.head_dim
-        eps = float(self.src.module(module_name).variance_epsilon)
+        norm = self.src.module(module_name)
+        eps = float(getattr(norm, "variance_epsilon", None) or norm.eps)
         split = g.one("Reshape", [x, g.scalar(np.array([0, 0, heads, d], np.int64), np.int64)], f"{name}/Reshape")
         normed = self._rms(split, self._norm_weight(module_name), eps, name)
         return g.one("Reshape", [normed, g.scalar(np.array([0, 0, heads * d], np.int64), np.int64)], f"{name}/Reshape_back")
@@ -369,8 +383,7 @@ class FusedBuilder:
         gamma = self._norm_weight(module_name)
         if x is None:
             return self._rms(residual, gamma, eps, name), residual
-        outs = self.g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], f"{name}/SkipSimplifiedLayerNormalization",
-                         4, domain=MS, epsilon=eps)
+        outs = self.g.op(FUSED_SKIP_NORM, [x, residual, gamma], f"{name}/{FUSED_SKIP_NORM}", 4, domain=MS, epsilon=eps)
         return outs[0], outs[3]
 
     def _head(self, normed: str) -> str:

@@ -25,11 +25,12 @@ import onnx
 import torch
 from torch import nn
 
-from exporters.fused import FUSED_FAMILIES, ExternalData, fused_proto
+from exporters.fused import ExternalData, fused_proto
 from exporters.fused import supports as fused_supports
 from exporters.genai import GENAI_FILE, genai_config
 from exporters.lowering import ExportError, lowered
 from exporters.passes import op_counts, pretranspose_int8_weights, rename_initializers, set_metadata
+from runtime.families import fused_refusal
 from runtime.folder import COMPANION_FILES, CONFIG_FILE, exports_in, manifest
 from runtime.graph import WEIGHT_SUFFIX, GraphIndex, cache_names, weight_name, weight_scale_name
 from runtime.io import OutputFolder, checkpoint
@@ -228,9 +229,9 @@ def resolve_graph(graph: str, model: nn.Module, state: ScaleState | None, kv_cac
         if state is None or not kv_cache:
             raise ExportError("the fused graph is a quantized graph with a KV cache: pass scales, drop --no-kv-cache, "
                               "or use --graph traced")
-        if not fused_supports(model):
-            raise ExportError(f"no fused graph for {model.config.model_type!r} yet (fused: {', '.join(FUSED_FAMILIES)}): "
-                              "use --graph traced")
+        why = fused_refusal(model.config)
+        if why is not None:
+            raise ExportError(f"no fused graph for this model ({why}): use --graph traced")
         if state.profile not in CPU_KERNEL_PROFILES:
             raise ExportError(f"the fused graph uses ONNX Runtime contrib ops, which TensorRT does not run; profile "
                               f"{state.profile!r} keeps the traced graph: use --graph traced or a CPU profile")

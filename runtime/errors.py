@@ -20,3 +20,7 @@ class StateError(SasqError):
 
 class RuntimeSetupError(SasqError):
     """A file, provider or option the runtime cannot use."""
+
+
+class ModelLoadError(SasqError):
+    """A model that cannot be found, loaded, or is not a supported causal LM."""

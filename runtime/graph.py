@@ -43,6 +43,18 @@ def layer_of(initializer: str) -> str:
     return initializer.removesuffix(WEIGHT_SUFFIX)
 
 
+# Node names of the fused CPU graph (exporters.fused) that sasq-validate's probe (runtime.probe)
+# finds the decoder blocks by: the one contract between the writer and the reader.
+FUSED_INPUT_NORM, FUSED_FINAL_NORM = "input_layernorm", "norm"
+FUSED_SKIP_NORM, FUSED_FIRST_OP = "SkipSimplifiedLayerNormalization", "Pow"  # a Skip norm's output 3: residual + input
+
+
+def fused_scope(layer: int | None, part: str) -> str:
+    """The node-name prefix of ``part`` of decoder layer ``layer`` (None: the model level) in the
+    fused graph, e.g. ``/model/layers.3/input_layernorm``."""
+    return f"/model/{part}" if layer is None else f"/model/layers.{layer}/{part}"
+
+
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
     """KV-cache input and output names (optimum's): ``past_key_values.{i}.key|value`` ->
     ``present.{i}.key|value``, keys before values, layer by layer."""

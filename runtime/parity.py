@@ -284,10 +284,16 @@ class BlockReport:
     windows: int
     how: str = ""
     reason: str | None = None
+    required: bool = False  # an unmapped graph fails (the fused graph sasq-edge writes always maps)
 
     @property
     def mapped(self) -> bool:
         return self.reason is None
+
+    @property
+    def ran(self) -> bool:
+        """Whether the check has a verdict: it ran, or it had to and could not (a failure)."""
+        return self.mapped or self.required
 
     def error_ok(self, s: BlockDivergence) -> bool:
         return math.isfinite(s.float_error) and s.float_error <= self.threshold
@@ -307,7 +313,7 @@ class BlockReport:
 
     def summary(self) -> str:
         if not self.mapped:
-            return f"block check NOT RUN: {self.reason}"
+            return f"block check {'FAILED' if self.required else 'NOT RUN'}: {self.reason}"
         worst = max(self.stages, key=lambda s: s.float_error)
         block = max(self.stages, key=lambda s: s.error)
         head = (f"block check {'PASSED' if self.passed else 'FAILED'}: {len(self.stages) - len(self.failed)}/{len(self.stages)} "
@@ -322,7 +328,7 @@ class BlockReport:
         return head
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "mapped": self.mapped, "reason": self.reason, "how": self.how,
+        return {"passed": self.passed, "mapped": self.mapped, "required": self.required, "reason": self.reason, "how": self.how,
                 "threshold": self.threshold, "windows": self.windows, "first_failure": self.first_failure,
                 "max_float_error": max((s.float_error for s in self.stages), default=None),
                 "max_block_error": max((s.error for s in self.stages), default=None),

@@ -28,7 +28,18 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from runtime.errors import RuntimeSetupError
-from runtime.graph import DEQUANTIZE, MATMULS, QUANTIZE, GraphIndex, layer_of
+from runtime.graph import (
+    DEQUANTIZE,
+    FUSED_FINAL_NORM,
+    FUSED_FIRST_OP,
+    FUSED_INPUT_NORM,
+    FUSED_SKIP_NORM,
+    MATMULS,
+    QUANTIZE,
+    GraphIndex,
+    fused_scope,
+    layer_of,
+)
 from runtime.metadata import META_GRAPH
 from runtime.session import LMSession, provider_options, resolve_providers, session_options
 
@@ -98,6 +109,7 @@ class BlockTaps:
     inputs: tuple[str, ...]
     how: str  # how the boundaries were found
     reason: str | None = None
+    required: bool = False  # the graph's writer guarantees the boundaries (the fused graph): unmapped is a failure
 
     @property
     def mapped(self) -> bool:
@@ -112,17 +124,18 @@ def _fused_blocks(g: GraphIndex, layers: int) -> BlockTaps:
     out = []
     for i in range(layers):
         if i == 0:
-            k = by_name.get("/model/layers.0/input_layernorm/Pow")
+            k = by_name.get(f"{fused_scope(0, FUSED_INPUT_NORM)}/{FUSED_FIRST_OP}")
             out.append(None if k is None else g.nodes[k].input[0])
         else:
-            k = by_name.get(f"/model/layers.{i}/input_layernorm/SkipSimplifiedLayerNormalization")
+            k = by_name.get(f"{fused_scope(i, FUSED_INPUT_NORM)}/{FUSED_SKIP_NORM}")
             out.append(None if k is None or len(g.nodes[k].output) < 4 else g.nodes[k].output[3])
-    k = by_name.get("/model/norm/SkipSimplifiedLayerNormalization")
+    k = by_name.get(f"{fused_scope(None, FUSED_FINAL_NORM)}/{FUSED_SKIP_NORM}")
     out.append(None if k is None or len(g.nodes[k].output) < 4 else g.nodes[k].output[3])
     if None in out:
         missing = out.index(None)
-        return BlockTaps((), "fused node names", f"no residual-stream tensor found for block {missing} in the fused graph")
-    return BlockTaps(tuple(out), "fused node names")
+        return BlockTaps((), "fused node names", f"no residual-stream tensor found for block {missing} in the fused graph "
+                                                 "(runtime.graph.fused_scope names it)", required=True)
+    return BlockTaps(tuple(out), "fused node names", required=True)
 
 
 def name_scopes(node: onnx.NodeProto) -> list[str] | None:

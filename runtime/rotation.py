@@ -11,7 +11,7 @@ channel as usual; the input rotation runs online in the deployed graph: ``Reshap
 ``(..., K / b, b)``, a float ``MatMul`` by the constant ``H_b`` (``b`` multiply-adds an element:
 ``b / N`` of the layer's own work), ``Reshape`` back, then ``QuantizeLinear``.
 
-Which linears rotate is registry data (``sasq_edge.arch.ArchSpec.rotated``); what it measured is in
+Which linears rotate is registry data (``runtime.families.ArchSpec.rotated``); what it measured is in
 bench/results/rotation_smollm2.md.
 """
 

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from runtime.families import arch_spec
 from runtime.state import ScaleState, weights_digest
-from sasq_edge.arch import arch_spec
 from sasq_edge.calibrate import make_observer
 from sasq_edge.config import AUTO_ALPHA, QuantConfig
 from sasq_edge.errors import ConfigError

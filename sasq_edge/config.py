@@ -27,7 +27,7 @@ class QuantConfig:
     """Everything that decides what a SASQ run computes. Validated on construction.
 
     ``targets`` are leaf module names inside the decoder blocks (``q_proj``, ...); ``None`` means
-    the architecture's default set from the registry in ``sasq_edge.arch``.
+    the architecture's default set from the registry in ``runtime.families``.
     """
 
     profile: str = "trt"

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.families import arch_spec
 from runtime.io import parse_json
 from runtime.state import ScaleState
-from sasq_edge.arch import arch_spec
 from sasq_edge.errors import ModelLoadError
 from sasq_edge.models import check_finite
 

@@ -2,7 +2,7 @@
 the built-in ``tiny-random-llama`` preset (seeded, offline, for tests and quick tries).
 
 The config is read first (``config.json``, or a GGUF file's metadata), and a model that is not a
-causal LM or whose architecture has no entry in ``sasq_edge.arch`` is refused before any weight
+causal LM or whose architecture has no entry in ``runtime.families`` is refused before any weight
 is read."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from sasq_edge.arch import ARCHITECTURES, unsupported
+from runtime.families import ARCHITECTURES, unsupported
 from sasq_edge.data import honour_add_bos
 from sasq_edge.errors import ModelLoadError
 

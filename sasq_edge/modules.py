@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.families import arch_spec
 from runtime.grids import EMBEDDING_GRID, IntGrid, encode_weight
 from runtime.rotation import block_for, hadamard, rotate_weight
-from sasq_edge.arch import arch_spec
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
 from sasq_edge.quant_math import grad_scale, lsq_grad_scale, round_ste, soft_truncate, weight_scales_per_channel

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from runtime.families import SmoothGroup, arch_spec
 from runtime.layout import AttentionLayout
-from sasq_edge.arch import SmoothGroup, arch_spec
 from sasq_edge.errors import ConfigError
 
 _EPS = 1e-5

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from runtime.families import arch_spec
 from runtime.parity import BlockDivergence, BlockReport, ParityReport, Thresholds, compare
 from runtime.perplexity import iter_logits as onnx_logits
 from runtime.probe import ProbeSession, block_of, block_taps, linear_taps
 from runtime.replay import LinearReplay, ReplayReport, TwinLinear, graph_weights_digest
 from runtime.session import LMSession
 from runtime.state import ScaleState
-from sasq_edge.arch import arch_spec
 from sasq_edge.evaluate import iter_logits
 from sasq_edge.modules import quant_linears
 from sasq_edge.quant_math import soft_truncate
@@ -212,7 +212,7 @@ def layer_checks(model: nn.Module, state: ScaleState, path: str | os.PathLike, w
                     stage = stages[-1] if b is None else stages[b + 1]
                     stage.update_linear(t.layer, forced.linear_inputs[t.layer], out[t.x])
     replay = ReplayReport([replays[t.layer] for t in taps], len(windows), thresholds.tie_ulps)
-    blocks = BlockReport(stages, thresholds.block_error, len(windows), bt.how, bt.reason)
+    blocks = BlockReport(stages, thresholds.block_error, len(windows), bt.how, bt.reason, bt.required)
     weights = WeightsCheck(graph_weights_digest(proto), state.weights, weights_of(model))
     return LayerChecks(replay, blocks, weights)
 

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from sasq_edge.arch import ARCHITECTURES
+from runtime.families import ARCHITECTURES
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ModelLoadError
 from sasq_edge.models import load_model
@@ -24,7 +24,7 @@ def _tiny_gpt2():
 
 def _refusal(arch: str) -> str:
     return (f"architecture '{arch}' is not supported yet: supported are {', '.join(sorted(ARCHITECTURES))}; "
-            "to add one, add an ArchSpec to sasq_edge/arch.py and a tiny seeded test to tests/test_families.py")
+            "to add one, add an ArchSpec to runtime/families.py and a tiny seeded test to tests/test_families.py")
 
 
 def test_prepare_refuses_an_unknown_architecture():

@@ -1,4 +1,4 @@
-"""Every model family of the registry (``sasq_edge.arch``) on a tiny seeded model, end to end:
+"""Every model family of the registry (``runtime.families``) on a tiny seeded model, end to end:
 prepare, calibrate, train 3 steps (plain, and with learned SmoothQuant factors), export to QDQ
 ONNX, then ONNX Runtime against the PyTorch fake-quant twin (logits, greedy KV-cache generation),
 the integer-kernel fusion check and exact Q/DQ counts; and, in float64, that folding smoothing
@@ -25,12 +25,11 @@ from bounds import HOST_PROFILE
 from torch import nn
 
 from exporters import export_onnx
-from exporters.fused import FUSED_FAMILIES
 from exporters.passes import op_counts
 from runtime import open_session
+from runtime.families import ARCHITECTURES, arch_spec, fused_refusal
 from runtime.fusion import INTEGER_KERNELS, check_fusion
 from runtime.generate import Sampling, generate
-from sasq_edge.arch import ARCHITECTURES, arch_spec
 from sasq_edge.config import QuantConfig
 from sasq_edge.evaluate import greedy_tokens
 from sasq_edge.models import LoadedModel, byte_tokenizer
@@ -145,7 +144,24 @@ def _windows() -> np.ndarray:
 
 
 def test_registry_matches_tested_families():
+    """Adding a family is one registry entry plus its tiny test here: a registered family without a
+    test, or without either graph kind in CASES, fails this."""
     assert sorted({f.model_type for f in FAMILIES}) == sorted(ARCHITECTURES)
+    for family in FAMILIES:
+        assert fused_refusal(family.config()) is None, family.name
+        kinds = {g for f, _, g in CASES if f is family}
+        assert kinds == set(GRAPHS), (family.name, kinds)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_description_names_every_quantized_linear(model_type):
+    """The graph part of a family's description (the projections the fused writer and the probe
+    read) names exactly the linears the method quantizes, and every smoothing group and rotated
+    input among them."""
+    spec = arch_spec(model_type)
+    assert sorted(n.rsplit(".", 1)[-1] for n in spec.linears) == sorted(spec.targets)
+    assert set(spec.rotated) <= set(spec.linears)
+    assert {n for g in spec.smooth for n in g.linears} <= set(spec.linears)
 
 
 # --- the registry on each family, in torch ----------------------------------------------------
@@ -236,10 +252,10 @@ class Exported:
     path: object
 
 
-# the traced graph (profile trt, standard ops) for every family; the fused CPU graph (profile
-# cpu-vnni, GroupQueryAttention and friends: exporters/fused.py) for the families it covers
+# both graph kinds for every family: traced (profile trt, standard ops) and the fused CPU graph (the
+# profile this CPU runs exactly; GroupQueryAttention and friends: exporters/fused.py)
 GRAPHS = {"traced": "trt", "fused": HOST_PROFILE}
-CASES = [(f, r, g) for f in FAMILIES for r in RECIPES for g in GRAPHS if g == "traced" or f.model_type in FUSED_FAMILIES]
+CASES = [(f, r, g) for f in FAMILIES for r in RECIPES for g in GRAPHS]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda p: f"{p[0].name}-{p[1]}-{p[2]}")
@@ -289,6 +305,22 @@ def test_onnx_runtime_matches_the_fake_quant_twin(exported):
 def test_greedy_kv_cache_generation_equals_torch(exported, prompt):
     tokens, _ = generate(open_session(exported.path), prompt, Sampling(max_new_tokens=NEW_TOKENS))
     assert tokens == greedy_tokens(exported.twin, prompt, NEW_TOKENS)
+
+
+def test_layer_checks_pass_and_map_every_block(exported):
+    """sasq-validate's layer checks on each family and graph kind: the weights digest, the integer
+    replay of every quantized linear and the teacher-forced blocks, every block boundary found
+    (the fused graph through runtime.graph.fused_scope's names, the traced one through the
+    exporter's module scopes)."""
+    from runtime.parity import Thresholds
+    from sasq_edge.validate import layer_checks
+
+    ids = torch.randint(0, 257, (1, 48), generator=torch.Generator().manual_seed(7)).numpy()
+    checks = layer_checks(exported.twin, exported.state, exported.path, ids, Thresholds(), ["cpu"], 1, progress=False)
+    assert checks.weights.passed
+    assert checks.replay.passed, checks.replay.summary()
+    assert checks.blocks.mapped and checks.blocks.passed, checks.blocks.summary()
+    assert len(checks.blocks.stages) == LAYERS + 2
 
 
 def test_every_quantized_layer_runs_as_an_integer_kernel(exported):

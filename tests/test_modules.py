@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from sasq_edge.arch import LLAMA_LINEARS
+from runtime.families import LLAMA_LINEARS
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
 from sasq_edge.modules import QuantLinear, prepare, quant_linears, quant_mode, scale_parameters, set_mode

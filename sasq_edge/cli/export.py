@@ -98,11 +98,11 @@ def _export(argv: list[str] | None) -> int:
 def fused_export(args, cfg, config) -> bool:
     """Whether the export writes the fused CPU graph, which a model read one layer at a time can
     feed: a CPU profile, a family that has one, a KV cache, ``--graph`` auto or fused."""
-    from exporters.fused import FUSED_FAMILIES
+    from runtime.families import fused_refusal
 
     if args.graph == "traced" or args.no_kv_cache or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head:
         return False
-    return config.model_type in FUSED_FAMILIES
+    return fused_refusal(config) is None
 
 
 main = entry("sasq-export", _export)

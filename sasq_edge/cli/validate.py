@@ -143,7 +143,7 @@ def _validate(argv: list[str] | None) -> int:
               "cpu": cpu_problem is None,
               "weights": None if layers is None else layers.weights.passed,
               "replay": None if layers is None else layers.replay.passed,
-              "blocks": None if layers is None or not layers.blocks.mapped else layers.blocks.passed,
+              "blocks": None if layers is None or not layers.blocks.ran else layers.blocks.passed,
               **{f"distribution.{c.name}": c.passed for c in rep.checks}}
     failed = [name for name, ok in checks.items() if ok is False]
     passed = not failed
