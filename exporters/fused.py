@@ -39,7 +39,7 @@ from runtime.families import ARCHITECTURES, activation, embedding_scale, fused_r
 from runtime.graph import FUSED_FINAL_NORM, FUSED_INPUT_NORM, FUSED_SKIP_NORM, cache_names, fused_scope, weight_name, weight_scale_name
 from runtime.grids import EMBEDDING_GRID, encode_weight
 from runtime.layout import AttentionLayout
-from runtime.rotation import hadamard, rotate_weight
+from runtime.rotation import hadamard
 from runtime.state import ScaleState, weights_digest
 
 OPSET = 21
@@ -201,11 +201,9 @@ class FusedBuilder:
         bias = getattr(module, "bias", None)
         if module_name in self.state.scales:
             rotation = self.state.rotation.get(module_name, 1)
-            weight = _f32(module.weight)
-            if rotation > 1:  # the input rotated online in Hadamard blocks, the weight W R offline
-                weight = rotate_weight(weight, rotation)
-                x = self._rotate(x, weight.shape[1], rotation, name)
-            codes, scale = encode_weight(weight, self.deploy.weight)  # (N, K), (N,)
+            codes, scale = encode_weight(_f32(module.weight), self.deploy.weight, rotation)  # (N, K), (N,); W R if rotated
+            if rotation > 1:  # the input rotated online in Hadamard blocks
+                x = self._rotate(x, codes.shape[1], rotation, name)
             self.digest_items.append((module_name, codes, scale))
             w = g.init(weight_name(module_name), codes.T.copy())  # (K, N)
             ws = g.init(weight_scale_name(module_name), scale)

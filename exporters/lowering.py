@@ -22,7 +22,7 @@ from torch import nn
 
 from runtime.errors import SasqError
 from runtime.grids import EMBEDDING_GRID, IntGrid, encode_weight
-from runtime.rotation import hadamard, rotate_weight
+from runtime.rotation import hadamard
 from runtime.state import ScaleState, weights_digest
 
 _TORCH_INT = {"int8": torch.int8, "uint8": torch.uint8}
@@ -33,10 +33,26 @@ class ExportError(SasqError):
     """The model cannot be exported as asked."""
 
 
+def check_weights(state: ScaleState, digest: str) -> None:
+    """Refuse an export whose INT8 weights (``digest``) are not the ones ``state`` was trained with."""
+    if state.weights is not None and digest != state.weights:
+        raise ExportError("the model's weights do not give the INT8 weights the scales were trained with (weights digest "
+                          f"{digest[:12]} vs {state.weights[:12]}): load the model the state names and apply the state "
+                          "(sasq_edge.apply_state folds its smoothing factors), or retrain")
+
+
+def rotate_blocks(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Each ``b`` consecutive entries of the last axis times the Hadamard block ``h`` ``(b, b)``: the
+    online input rotation in torch (the method's fake-quant layers and the traced graph both run
+    this; ``runtime.rotation.rotate_input`` is the numpy form, ``exporters.fused`` writes the nodes)."""
+    b = h.shape[0]
+    return (t.reshape(*t.shape[:-1], t.shape[-1] // b, b) @ h.to(t.dtype)).reshape(t.shape)
+
+
 def _weight_codes(weight: torch.Tensor, grid: IntGrid, rotation: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """INT8 codes and row scales of ``weight`` (of ``W R`` when the input is rotated in blocks of ``rotation``)."""
     w = weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-    return encode_weight(rotate_weight(w, rotation) if rotation > 1 else w, grid)
+    return encode_weight(w, grid, rotation)
 
 
 def _dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
@@ -64,8 +80,7 @@ class QDQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hadamard is not None:
-            b = self.hadamard.shape[0]
-            x = (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ self.hadamard).reshape(x.shape)
+            x = rotate_blocks(x, self.hadamard)
         if self.trunc is not None:
             x = torch.tanh(x / self.trunc) * self.trunc
         g = self.act
@@ -138,10 +153,7 @@ def lowered(model: nn.Module, state: ScaleState) -> Iterator[str]:
         lowering[name] = QDQLinear(codes, scale, getattr(module, "bias", None), state.scales[name],
                                    state.truncation.get(name), deploy.act, deploy.weight, rotation)
     digest = weights_digest(digest_items)
-    if state.weights is not None and digest != state.weights:
-        raise ExportError("the model's weights do not give the INT8 weights the scales were trained with (weights digest "
-                          f"{digest[:12]} vs {state.weights[:12]}): load the model the state names and apply the state "
-                          "(sasq_edge.apply_state folds its smoothing factors), or retrain")
+    check_weights(state, digest)
     emb = model.get_input_embeddings() if state.embedding == "int8" else None
     if emb is not None and not isinstance(getattr(emb, "weight", None), torch.Tensor):
         raise ExportError(f"an INT8 embedding needs an embedding table; this model has {type(emb).__name__}")

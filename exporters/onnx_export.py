@@ -28,7 +28,7 @@ from torch import nn
 from exporters.fused import ExternalData, fused_proto
 from exporters.fused import supports as fused_supports
 from exporters.genai import GENAI_FILE, genai_config
-from exporters.lowering import ExportError, lowered
+from exporters.lowering import ExportError, check_weights, lowered
 from exporters.passes import op_counts, pretranspose_int8_weights, rename_initializers, set_metadata
 from runtime.families import fused_refusal
 from runtime.folder import COMPANION_FILES, CONFIG_FILE, exports_in, manifest
@@ -335,10 +335,7 @@ def export_onnx(
             finally:
                 if external is not None:
                     external.close()
-            if state.weights is not None and digest != state.weights:
-                raise ExportError("the model's weights do not give the INT8 weights the scales were trained with (weights "
-                                  f"digest {digest[:12]} vs {state.weights[:12]}): load the model the state names and apply "
-                                  "the state (sasq_edge.apply_state folds its smoothing factors), or retrain")
+            check_weights(state, digest)
             proto = set_metadata(proto, {META_WEIGHTS: digest})
             stages.done("wrote the graph")
         external = streamed or _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD

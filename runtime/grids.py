@@ -55,9 +55,16 @@ def weight_scales(weight: np.ndarray, grid: IntGrid) -> np.ndarray:
     return np.where(amax > 0, amax / np.float32(grid.qmax), np.float32(1.0)).astype(np.float32)
 
 
-def encode_weight(weight: np.ndarray, grid: IntGrid) -> tuple[np.ndarray, np.ndarray]:
+def encode_weight(weight: np.ndarray, grid: IntGrid, rotation: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, scales)`` of a ``(N, K)`` weight: int8 codes ``clip(round(W / s), qmin, qmax)``
-    with one float32 scale per output row (ties to even, as QuantizeLinear rounds)."""
+    with one float32 scale per output row (ties to even, as QuantizeLinear rounds). With
+    ``rotation`` = b > 1 the weight whose input is rotated online in Hadamard blocks of b is encoded
+    as ``W R`` (``runtime.rotation.rotate_weight``, in float64). The one place a weight becomes
+    codes: training, the exporters and the validator all call it."""
+    if rotation > 1:
+        from runtime.rotation import rotate_weight
+
+        weight = rotate_weight(weight, rotation)
     w = np.asarray(weight, dtype=np.float32)
     scale = weight_scales(w, grid)
     codes = np.clip(np.round(w / scale[:, None]), grid.qmin, grid.qmax).astype(np.int8)

@@ -42,6 +42,8 @@ _MODEL_KEYS = {"source", "fingerprint"}
 
 
 def weights_digest(layers: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> str:
+    # the entries come from runtime.grids.encode_weight (exporters) or sasq_edge.state.digest_entry
+    # (a prepared layer's frozen codes, the same encode)
     """sha256 of the INT8 weights of the quantized layers: ``(name, codes (N, K) int8, scales (N,)
     float32)`` in any order. The exporter and the training side compute it from the same
     ``runtime.grids.encode_weight``, so equal digests mean equal deployed weights."""

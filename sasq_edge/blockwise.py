@@ -54,6 +54,7 @@ from sasq_edge.smooth import (
     smoothquant_factors,
     snapshot_keys,
 )
+from sasq_edge.state import digest_entry
 from sasq_edge.train import lr_factor, peak_rss_mb
 
 # the strengths "auto" tries (each costs two forward passes of every block on the search window):
@@ -456,7 +457,7 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
                     trunc[name] = float(q.act_quant.trunc)
                 if q.rotation > 1:
                     rotation[name] = q.rotation
-                digest.append((name, q.weight_int.cpu().numpy().copy(), q.weight_scale.cpu().numpy().copy()))
+                digest.append(digest_entry(name, q))
             factors.update({k: v.detach().float().cpu() for k, v in block_factors.items()})
             x_fp, x_q = y, x_next
             source.release(piece)
@@ -474,7 +475,7 @@ def train_blockwise(source: BlockSource, config: QuantConfig, windows: np.ndarra
             scales[name] = float(q.act_quant.scale)
             if q.act_quant.trunc is not None:
                 trunc[name] = float(q.act_quant.trunc)
-            digest.append((name, q.weight_int.cpu().numpy().copy(), q.weight_scale.cpu().numpy().copy()))
+            digest.append(digest_entry(name, q))
     finally:
         bar.close()
     wall = time.perf_counter() - start

@@ -32,6 +32,7 @@ from runtime.io import parse_json
 from runtime.state import ScaleState
 from sasq_edge.errors import ModelLoadError
 from sasq_edge.models import check_finite
+from sasq_edge.state import digest_entry
 
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -350,7 +351,7 @@ class _LayerwiseCalibration:
             setattr(model.get_submodule(parent), leaf, q)
             obs = observers[name] = make_observer(config, deploy.act)
             handles.append(q.register_forward_pre_hook(lambda m, a, obs=obs: obs.update(m.quantizer_input(a[0]))))
-            self.digest_items.append((name, q.weight_int.numpy().copy(), q.weight_scale.numpy().copy()))
+            self.digest_items.append(digest_entry(name, q))
         set_mode(layer, "float")
         try:
             self._windows(layer, hidden, args, kwargs)
@@ -417,7 +418,7 @@ def calibrate_layerwise(lm: LayerwiseModel, config, windows: np.ndarray, model_s
                 cal.scales[name] = obs.compute()
                 if config.truncation == "tanh":
                     cal.trunc[name] = obs.absmax
-                cal.digest_items.append((name, q.weight_int.numpy().copy(), q.weight_scale.numpy().copy()))
+                cal.digest_items.append(digest_entry(name, q))
     finally:
         for h in handles:
             h.remove()

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exporters.lowering import rotate_blocks
 from runtime.families import arch_spec
 from runtime.grids import EMBEDDING_GRID, IntGrid, encode_weight
-from runtime.rotation import block_for, hadamard, rotate_weight
+from runtime.rotation import block_for, hadamard
 from sasq_edge.config import QuantConfig
 from sasq_edge.errors import ConfigError
 from sasq_edge.quant_math import grad_scale, lsq_grad_scale, round_ste, soft_truncate, weight_scales_per_channel
@@ -33,14 +34,8 @@ def _encode(weight: torch.Tensor, grid: IntGrid, rotation: int = 1) -> tuple[tor
     """``runtime.grids.encode_weight`` on a torch weight (``runtime.rotation.rotate_weight`` first
     when ``rotation`` > 1): the codes the exporter writes, on the weight's device."""
     w = weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-    codes, scale = encode_weight(rotate_weight(w, rotation) if rotation > 1 else w, grid)
+    codes, scale = encode_weight(w, grid, rotation)
     return torch.from_numpy(codes).to(weight.device), torch.from_numpy(scale).to(weight.device)
-
-
-def _rotate(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Each ``b`` consecutive entries of the last axis times the Hadamard block ``h`` ``(b, b)``."""
-    b = h.shape[0]
-    return (t.reshape(*t.shape[:-1], t.shape[-1] // b, b) @ h.to(t.dtype)).reshape(t.shape)
 
 
 class ActQuantizer(nn.Module):
@@ -172,7 +167,7 @@ class QuantLinear(nn.Linear):
         x = x.float()
         if self.log_smooth is not None:
             x = x / self._smooth_factors()
-        return x if self.hadamard is None else _rotate(x, self.hadamard)
+        return x if self.hadamard is None else rotate_blocks(x, self.hadamard)
 
     def _smooth_factors(self) -> torch.Tensor:
         r = self.log_smooth.exp()
@@ -195,9 +190,11 @@ class QuantLinear(nn.Linear):
         q, s = self.act_quant.codes(self.quantizer_input(x))
         if self.log_smooth is not None or weight.requires_grad:
             # the weight moves (learned smoothing, or a weight-training reference): re-quantize it
-            # every pass, straight through the rounding
+            # every pass, straight through the rounding (differentiable, so in torch; the frozen codes
+            # the deployed model holds are re-encoded by refresh_weight through encode_weight after
+            # training)
             if self.hadamard is not None:
-                weight = _rotate(weight.float(), self.hadamard)
+                weight = rotate_blocks(weight.float(), self.hadamard)
             g = self.weight_grid
             ws = weight_scales_per_channel(weight, g)
             wq = torch.clamp(round_ste(weight.float() / ws[:, None]), g.qmin, g.qmax)

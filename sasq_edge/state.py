@@ -7,6 +7,7 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,9 +34,15 @@ def quant_config(state: ScaleState) -> QuantConfig:
         raise StateError(f"the scale state's method recipe is not valid here ({e}): retrain the scales") from None
 
 
+def digest_entry(name: str, layer: nn.Module) -> tuple[str, np.ndarray, np.ndarray]:
+    """A prepared layer's entry of ``runtime.state.weights_digest``: its name, frozen INT8 codes and
+    row scales (made by ``runtime.grids.encode_weight``), copied to the CPU."""
+    return name, layer.weight_int.detach().cpu().numpy().copy(), layer.weight_scale.detach().cpu().numpy().copy()
+
+
 def weights_of(model: nn.Module) -> str:
     """``runtime.state.weights_digest`` of a prepared model's frozen INT8 weights."""
-    return weights_digest((name, m.weight_int.cpu().numpy(), m.weight_scale.cpu().numpy()) for name, m in quant_linears(model))
+    return weights_digest(digest_entry(name, m) for name, m in quant_linears(model))
 
 
 def state_from_model(model: nn.Module, config: QuantConfig, model_source: str, *,
