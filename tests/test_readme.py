@@ -45,6 +45,7 @@ def test_python_api_example_runs(tmp_path, data_dir):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(data_dir), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ppl, profile = proc.stdout.split()[-2:]
-    assert float(ppl) > 1.0 and profile in ("cpu-avx2", "cpu-vnni", "arm64")
+    verdict, ppl = proc.stdout.strip().splitlines()[-2:]
+    assert verdict.startswith("True {") and "FAILED" not in verdict  # validate passed, every check
+    assert float(ppl) > 1.0
     assert (tmp_path / "runs" / "mine" / "scales.safetensors").is_file()

@@ -35,10 +35,10 @@ def _export(argv: list[str] | None) -> int:
     p.add_argument("--no-memory-check", action="store_true",
                    help="train even where the estimated peak memory exceeds the memory free")
     args = p.parse_args(argv)
-    from exporters import export_onnx, output_folder
-    from sasq_edge.layerwise import LayerwiseModel, check_state_matches, run_layerwise, should_go_layerwise
-    from sasq_edge.models import load_model
-    from sasq_edge.state import apply_state, load_state
+    from exporters import output_folder
+    from sasq_edge.api import Quantized, export, quantize
+    from sasq_edge.layerwise import should_go_layerwise
+    from sasq_edge.state import load_state
 
     data_spec(args.data)  # a bad spec fails before the model loads
     if args.float and args.scales:
@@ -54,41 +54,27 @@ def _export(argv: list[str] | None) -> int:
         state = load_state(args.scales) if args.scales else None  # a bad folder fails before the model loads
         if state is not None and args.profile is not None:
             state = state.with_profile(recipe.profile(args))
-        cfg = None if state is not None or args.float else recipe.config(args)
-        if cfg is not None and cfg.blockwise:  # block by block: the whole model in memory, or one layer at a time
-            from sasq_edge.models import load_config
-
-            config = load_config(args.model, trust_remote_code=args.trust_remote_code)  # once: a GGUF's metadata is slow to parse
-            chosen = recipe.plan(args, cfg, "sasq-export", whole_export=not fused_export(args, cfg, config), config=config)
-            cfg, folder = chosen.config, chosen.layerwise
+        opts = dict(graph=args.graph, kv_cache=not args.no_kv_cache, overwrite=args.overwrite,
+                    trust_remote_code=args.trust_remote_code, progress=not args.json)
+        if args.float:
+            res = export(args.model, out, **opts)
+        elif state is not None:  # trained scales: the model whole, or one layer at a time where it does not fit
+            folder = should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, False)
+            if folder is not None:
+                print(f"sasq-export: reading {folder} one decoder layer at a time", file=sys.stderr, flush=True)
+            res = export(Quantized(state, None, folder) if folder is not None else args.model, out, state=state, **opts)
         else:
-            training = state is None and cfg.train_steps > 0 if cfg is not None else False
-            folder = None if args.float else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code, training)
-        if folder is not None:  # bigger than memory: one decoder layer at a time
-            from transformers import AutoTokenizer
+            cfg = recipe.config(args)
+            config = None
+            if cfg.blockwise:
+                from sasq_edge.models import load_config
 
-            from sasq_edge.plan import alpha_summary, block_progress, model_source
-
-            print(f"sasq-export: reading {folder} one decoder layer at a time", file=sys.stderr, flush=True)
-            if state is None:
-                state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
-                                      progress=not args.json, on_block=block_progress(quiet=args.json),
-                                      source=model_source(args.model, folder))
-                if alpha_summary(state):
-                    print(alpha_summary(state), file=sys.stderr, flush=True)
-            source = LayerwiseModel(folder, smooth=state.smooth, trust_remote_code=args.trust_remote_code)
-            check_state_matches(source, state)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
-            res = export_onnx(source, out, state=state, tokenizer=tokenizer, progress=not args.json, graph="fused",
-                              overwrite=args.overwrite)
-        else:
-            lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-            if state is not None:
-                apply_state(lm.model, state)
-            elif cfg is not None:
-                state = recipe.run(lm, args, cfg).state
-            res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer, kv_cache=not args.no_kv_cache,
-                              progress=not args.json, graph=args.graph, overwrite=args.overwrite)
+                config = load_config(args.model, trust_remote_code=args.trust_remote_code)  # once: a GGUF's metadata is slow to parse
+            q = quantize(args.model, cfg, data=args.data, data_dir=args.data_dir, layerwise=args.layerwise,
+                         trust_remote_code=args.trust_remote_code, device=str(recipe.device(args)),
+                         memory_check=not args.no_memory_check, progress=not args.json, command="sasq-export",
+                         whole_export=config is not None and not fused_export(args, cfg, config), model_config=config)
+            res = export(q, out, **opts)
     d = res.to_dict()
     emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
          f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)
