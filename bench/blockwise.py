@@ -3,6 +3,7 @@ Qwen2.5-Coder-0.5B / -1.5B-Instruct (Q4_K_M-dequantized) on this CPU.
 
     python bench/blockwise.py export smollm2 [--rows default,calibration,float]
     python bench/blockwise.py eval smollm2          # ONNX Runtime, 16 x 512 on wiki, code, docs, legal
+    python bench/blockwise.py float-torch qwen1.5b # the float reference in PyTorch where the float export does not fit
     python bench/blockwise.py report               # bench/results/blockwise.{json,md}
     python bench/blockwise.py project qwen1.5b     # the first blocks of the pass, the rest projected (also: 7b)
 
@@ -167,6 +168,37 @@ def eval_stage(args) -> None:
         del session
 
 
+def float_torch_stage(args) -> None:
+    """The float reference of a model whose float ONNX export does not fit this machine's memory
+    (the 1.5B model: the export holds several copies of its 6 GB of float32 weights): its
+    perplexity in PyTorch, float32, on the same windows (row ``float``, marked ``torch``). The
+    float ONNX export and PyTorch agree to float32 noise on the smaller models (``float`` rows)."""
+    import torch
+
+    from sasq_edge.evaluate import perplexity
+    from sasq_edge.gguf import materialize
+    from sasq_edge.models import load_model
+
+    torch.set_num_threads(args.threads)
+    path = OUT / f"{args.model}.json"
+    res = _load(path)
+    model = MODELS[args.model][0]
+    lm = load_model(str(materialize(model)) if model.endswith(".gguf") else model)
+    row = res["rows"].setdefault("float", {"command": "PyTorch float32 (sasq_edge.evaluate.perplexity)", "exit": 0,
+                                           "wall_s": 0.0, "peak_rss_mb": 0.0, "last_line": "float (PyTorch)",
+                                           "runtime": "torch"})
+    ppl = row.setdefault("ppl", {})
+    windows = eval_windows(lm.tokenizer)
+    for d in DOMAINS:
+        if d in ppl:
+            continue
+        t = time.perf_counter()
+        r = perplexity(lm.model, windows[d], desc=f"float {d}")
+        ppl[d] = {"ppl": r.ppl, "windows": int(windows[d].shape[0]), "tokens": r.tokens, "eval_s": round(time.perf_counter() - t, 1)}
+        _write(path, res)
+        print(args.model, "float (torch)", d, f"{r.ppl:.4f}", flush=True)
+
+
 def project_stage(args) -> None:
     """The block-wise pass of the default recipe on the first ``--blocks`` blocks of a model read
     layer by layer (a GGUF through its converted folder; ``7b``: a random bf16 Llama-2-7B-shaped
@@ -269,6 +301,10 @@ def report_stage(args) -> None:
                 flags += " --layerwise` on the converted folder `"
             prof = re.search(r"profile ([\w-]+)", got.get("last_line", ""))
             shared = " (cores shared)" if got.get("cores_shared") else ""
+            if got.get("runtime") == "torch":  # the float reference computed in PyTorch (float-torch stage)
+                lines.append("| float, PyTorch float32 (reference: the float export does not fit this machine) | "
+                             "`python bench/blockwise.py float-torch` | float | — | — | " + " | ".join(cells) + " |")
+                continue
             lines.append(f"| {LABELS.get(row, row)} | `{flags}` | {prof.group(1) if prof else '?'} | "
                          f"{got['wall_s'] / 60:.1f} min{shared} | "
                          f"{got['peak_rss_mb'] / 1024:.2f} GiB | " + " | ".join(cells) + " |")
@@ -301,6 +337,9 @@ def main() -> None:
     v = sub.add_parser("eval")
     v.add_argument("model", choices=list(MODELS))
     v.add_argument("--threads", type=int, default=2)
+    ft = sub.add_parser("float-torch")
+    ft.add_argument("model", choices=list(MODELS))
+    ft.add_argument("--threads", type=int, default=2)
     sub.add_parser("report")
     pr = sub.add_parser("project")
     pr.add_argument("model", choices=[*MODELS, "7b"])
@@ -311,7 +350,7 @@ def main() -> None:
     ch.add_argument("blocks")
     ch.add_argument("data")
     args = p.parse_args()
-    {"export": export_stage, "eval": eval_stage, "report": report_stage, "project": project_stage,
+    {"export": export_stage, "eval": eval_stage, "float-torch": float_torch_stage, "report": report_stage, "project": project_stage,
      "project-child": project_child}[args.stage](args)
 
 

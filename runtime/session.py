@@ -249,14 +249,20 @@ def session_options(path: str | os.PathLike, threads: int | None = None, meta: d
     return so
 
 
-def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("cpu",), threads: int | None = None) -> LMSession:
-    """Open ``path`` on the given providers with the session options its metadata asks for."""
+def open_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("cpu",), threads: int | None = None, *,
+                 config: dict[str, str] | None = None, arena: bool = True) -> LMSession:
+    """Open ``path`` on the given providers with the session options its metadata asks for;
+    ``config``: more session config entries (``session.disable_prepacking``, ...); ``arena``:
+    ONNX Runtime's CPU memory arena (bench/memory_runtime.py measures both)."""
     path = Path(path)
     if threads is not None and threads < 1:
         raise RuntimeSetupError(f"threads={threads} must be at least 1 (or None for all cores)")
     meta = read_metadata(path)
     check_folder(path, meta)
     so = session_options(path, threads, meta)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    so.enable_cpu_mem_arena = arena
     ort_providers = provider_options(resolve_providers(list(providers)), path, quantized=META_PROFILE in meta)
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers)
