@@ -4,8 +4,10 @@ with the KV cache) in a fresh process per setting, and its resident memory split
     python bench/memory_runtime.py out/smollm2/model.onnx [more exports] [--contexts 512,2048] [--new-tokens 32]
 
 For each export, context length (prompt = context - new tokens, random token ids, seeded) and
-ONNX Runtime setting (``default``; ``no-prepack``: ``session.disable_prepacking``; ``no-arena``:
-the CPU memory arena off; both), one child process measures: its resident memory after importing
+setting (``default``: what ``sasq-generate`` runs, the prompt in chunks of
+``runtime.generate.PREFILL_CHUNK`` tokens; ``one prefill call``: the whole prompt at once;
+``no-prepack``: ``session.disable_prepacking``; ``no-arena``: ONNX Runtime's CPU memory arena off;
+both), one child process measures: its resident memory after importing
 onnxruntime (the runtime itself), after opening the session, and its peak (``VmHWM``) over the
 generation; time to first token and decode tokens/s. The split of the default setting's peak:
 
@@ -34,8 +36,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-SETTINGS = {"default": ({}, True), "no-prepack": ({"session.disable_prepacking": "1"}, True),
-            "no-arena": ({}, False), "no-prepack, no-arena": ({"session.disable_prepacking": "1"}, False)}
+# setting -> (session config entries, CPU arena, prompt tokens per prefill call; None: generate's default)
+SETTINGS = {"default": ({}, True, None), "one prefill call": ({}, True, 1 << 30),
+            "no-prepack": ({"session.disable_prepacking": "1"}, True, None), "no-arena": ({}, False, None),
+            "no-prepack, no-arena": ({"session.disable_prepacking": "1"}, False, None)}
 
 
 def _status(key: str) -> float:
@@ -54,14 +58,15 @@ def child(path: str, setting: str, context: int, new_tokens: int) -> None:
     from runtime.session import open_session
 
     base = _status("VmRSS")
-    config, arena = SETTINGS[setting]
+    config, arena, chunk = SETTINGS[setting]
     t = time.perf_counter()
     sess = open_session(path, threads=1, config=config, arena=arena)
     open_s = time.perf_counter() - t
     opened = _status("VmRSS")
     vocab = json.loads((Path(path).parent / "config.json").read_text())["vocab_size"]
     prompt = np.random.default_rng(0).integers(3, vocab, context - new_tokens).tolist()
-    tokens, stats = generate(sess, prompt, Sampling(max_new_tokens=new_tokens, stop_ids=()), max_positions(path))
+    kwargs = {} if chunk is None else {"prefill_chunk": chunk}
+    tokens, stats = generate(sess, prompt, Sampling(max_new_tokens=new_tokens, stop_ids=()), max_positions(path), **kwargs)
     spec = sess.cache  # past_names: one per layer and key/value; the decoder's buffer holds context positions
     print(json.dumps({"runtime_mb": base, "opened_mb": opened, "peak_mb": _status("VmHWM"), "open_s": open_s,
                       "ttft_ms": 1000 * stats.prefill_s, "decode_tokens_per_s": stats.decode_tokens_per_s,

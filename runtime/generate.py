@@ -1,4 +1,5 @@
-"""Token generation on ONNX Runtime: one prefill call, then one cached call per new token.
+"""Token generation on ONNX Runtime: the prompt in chunks of at most ``PREFILL_CHUNK`` tokens
+(each cached call appends its keys and values), then one cached call per new token.
 
 Works on token ids only (the command line decodes text), so it needs no tokenizer and no torch.
 Greedy when ``temperature == 0``; otherwise softmax sampling with optional top-k and top-p
@@ -16,6 +17,12 @@ import numpy as np
 
 from runtime.errors import RuntimeSetupError
 from runtime.session import LMSession
+
+# Prompt tokens per prefill call. One call over a whole prompt holds logits for every position
+# (2016 x 49152 float32 = 396 MB for SmolLM2 at 2048 tokens of context) and the activations of
+# every token at once; chunks of 256 keep that to 50 MB at about the same time to first token
+# (bench/results/memory_runtime.md).
+PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ def pick_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator)
 
 def stream(
     sess: LMSession, prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None = None,
-    stats: GenerationStats | None = None,
+    stats: GenerationStats | None = None, prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[int]:
     """Yield new token ids one at a time. With a KV-cache graph each new token costs one cached
     call (in place on the fused graph's shared buffer, ``LMSession.decoder``); a graph without a
@@ -102,7 +109,11 @@ def stream(
     capacity = len(ids) + sampling.max_new_tokens
     decoder = sess.decoder(1, capacity if max_positions is None else min(capacity, max_positions)) if cached else None
     t = time.perf_counter()
-    logits = decoder.step(np.array([ids])) if cached else sess.logits(np.array([ids]))
+    if cached:
+        for start in range(0, len(ids), prefill_chunk):  # only the last chunk's logits are read
+            logits = decoder.step(np.array([ids[start:start + prefill_chunk]]))
+    else:
+        logits = sess.logits(np.array([ids]))
     stats.prefill_s = time.perf_counter() - t
     stats.stopped = "max_new_tokens"
     while True:
@@ -167,8 +178,9 @@ class TextStream:
 
 
 def generate(
-    sess: LMSession, prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None = None
+    sess: LMSession, prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> tuple[list[int], GenerationStats]:
     stats = GenerationStats()
-    tokens = list(stream(sess, prompt_ids, sampling, max_positions, stats))
+    tokens = list(stream(sess, prompt_ids, sampling, max_positions, stats, prefill_chunk))
     return tokens, stats
