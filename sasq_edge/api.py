@@ -64,9 +64,15 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
     cfg = config if config is not None else QuantConfig.from_recipe("default", profile="auto")
     line = None
     if cfg.blockwise:
+        from runtime.families import fused_refusal
+
+        model_config = model_config or load_config(model, trust_remote_code=trust_remote_code)
+        # only the fused graph can be written from a model read layer by layer: TensorRT's profile,
+        # an INT8 head or embedding, or a config the fused graph cannot express need the whole model
+        whole_export = (whole_export or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head
+                        or fused_refusal(model_config) is not None)
         chosen = blockwise_plan(model, cfg, forced_layerwise=layerwise, trust_remote_code=trust_remote_code,
-                                check=memory_check, whole_export=whole_export,
-                                config=model_config or load_config(model, trust_remote_code=trust_remote_code))
+                                check=memory_check, whole_export=whole_export, config=model_config)
         cfg, folder, line = chosen.config, chosen.layerwise, chosen.line
         on_line(f"{command}: {line}")
     else:
