@@ -313,6 +313,9 @@ def report_stage(args) -> None:
             lines += ["", f"Block-wise pass: {bw['blocks']} blocks x {bw['steps_per_block']} steps on {bw['windows']} windows "
                           f"of {bw['seq_len']} tokens, {bw['wall_s'] / 60:.1f} min; mean relative reconstruction error "
                           f"{bw['error_ptq_mean']:.2e} after calibration, {bw['error_trained_mean']:.2e} after training."]
+        notes = [f"{LABELS.get(r, r)}: {g['note']}" for r, g in rows.items() if g.get("note")]
+        if notes:
+            lines += ["", *(f"Note, {n}." for n in notes)]
         plan = rows.get("default", {}).get("plan")
         if plan:
             lines += ["", f"The command's plan line: `{plan.strip()}`"]
