@@ -37,7 +37,6 @@ class Quantized:
     model: object | None = None
     folder: Path | None = None
     plan: str | None = None
-    source: str | None = None  # the model as the caller named it
 
 
 def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, data_dir: str | None = None,
@@ -49,8 +48,9 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
     recipe on the profile this CPU runs exactly) on ``data``. Block-wise configs plan from a
     memory estimate whether the whole model loads or one layer at a time is read (``layerwise``
     forces the latter); ``whole_export``: the export that follows needs the whole model (the traced
-    graph). Says what it does through ``on_line`` (the plan line prefixed with ``command``);
-    ``model_config``: the model's transformers config, where the caller has read it already."""
+    graph; the config's own needs are added: TensorRT, an INT8 head or embedding, a RoPE the fused
+    graph cannot express). Says what it does through ``on_line`` (the plan line prefixed with
+    ``command``); ``model_config``: the model's transformers config, where the caller has read it."""
     import torch
 
     from runtime.sources import record_summary
@@ -84,7 +84,7 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
                               on_block=on_block, source=model_source(model, folder))
         if alpha_summary(state):
             on_line(alpha_summary(state))
-        return Quantized(state, None, folder, line, model)
+        return Quantized(state, None, folder, line)
     lm = load_model(model, trust_remote_code=trust_remote_code)
     lm.model.to(torch.device(device))
     try:
@@ -97,7 +97,7 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
     if result.alpha_search is not None:
         alpha = result.state.method["smooth_alpha"]
         on_line(f"smooth alpha auto -> {alpha} (validation PPL {result.alpha_search[alpha]:.3f})")
-    return Quantized(result.state, lm, None, line, model)
+    return Quantized(result.state, lm, None, line)
 
 
 def export(model, out: str | os.PathLike, *, state=None, graph: str = "auto", kv_cache: bool = True,

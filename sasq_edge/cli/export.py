@@ -64,31 +64,17 @@ def _export(argv: list[str] | None) -> int:
                 print(f"sasq-export: reading {folder} one decoder layer at a time", file=sys.stderr, flush=True)
             res = export(Quantized(state, None, folder) if folder is not None else args.model, out, state=state, **opts)
         else:
-            cfg = recipe.config(args)
-            config = None
-            if cfg.blockwise:
-                from sasq_edge.models import load_config
-
-                config = load_config(args.model, trust_remote_code=args.trust_remote_code)  # once: a GGUF's metadata is slow to parse
-            q = quantize(args.model, cfg, data=args.data, data_dir=args.data_dir, layerwise=args.layerwise,
+            # the traced graph (and a graph without a KV cache) needs the whole model; quantize adds what
+            # the config itself rules out for a model read layer by layer
+            q = quantize(args.model, recipe.config(args), data=args.data, data_dir=args.data_dir, layerwise=args.layerwise,
                          trust_remote_code=args.trust_remote_code, device=str(recipe.device(args)),
                          memory_check=not args.no_memory_check, progress=not args.json, command="sasq-export",
-                         whole_export=config is not None and not fused_export(args, cfg, config), model_config=config)
+                         whole_export=args.graph == "traced" or args.no_kv_cache)
             res = export(q, out, **opts)
     d = res.to_dict()
     emit(args, f"wrote {res.onnx} ({res.bytes / 1e6:.1f} MB, profile {res.profile or 'float'}, "
          f"{d['quantize_linear']} QuantizeLinear, {d['dequantize_linear']} DequantizeLinear)", d)
     return 0
-
-
-def fused_export(args, cfg, config) -> bool:
-    """Whether the export writes the fused CPU graph, which a model read one layer at a time can
-    feed: a CPU profile, a family that has one, a KV cache, ``--graph`` auto or fused."""
-    from runtime.families import fused_refusal
-
-    if args.graph == "traced" or args.no_kv_cache or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head:
-        return False
-    return fused_refusal(config) is None
 
 
 main = entry("sasq-export", _export)
