@@ -94,7 +94,7 @@ def torch_stage(args) -> None:
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                     "torch": torch.__version__, "python": platform.python_version()},
     })
-    base = QuantConfig(calibration="mse", calib_batches=args.calib_batches, train_steps=0, seq_len=args.seq_len,
+    base = QuantConfig.plain(calibration="mse", calib_batches=args.calib_batches, train_steps=0, seq_len=args.seq_len,
                        batch_size=args.batch_size, lr=args.lr)
     calib = sample_windows(train, base.calib_batches, base.seed)  # the windows run_sasq calibrates on
 

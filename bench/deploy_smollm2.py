@@ -121,7 +121,7 @@ def build_ours(args, work: Path) -> None:
             apply_state(lm.model, state)
             train_info = {"from": how.removeprefix("from:")}
         else:
-            cfg = QuantConfig(profile=profile, calibration="mse", calib_batches=args.calib_batches, train_steps=args.train_steps,
+            cfg = QuantConfig.plain(profile=profile, calibration="mse", calib_batches=args.calib_batches, train_steps=args.train_steps,
                               lr=args.lr, seq_len=args.seq_len, **how)
             result = run_sasq(lm, cfg, args.data_dir)
 

@@ -67,15 +67,15 @@ def main() -> None:
         times[name] = round(time.perf_counter() - t, 1)
         print(f"{name}: {rows[name]:.3f}", flush=True)
 
-    cfg = QuantConfig(profile="cpu-vnni", seq_len=SEQ)
+    cfg = QuantConfig.plain(profile="cpu-vnni", seq_len=SEQ)
     row("FP32", lambda: lm.model)
     row("dynamic per-token W8A8", lambda: build_method(lm.model, "dynamic", cfg, wiki_calib)[0])
-    smooth = QuantConfig(profile="cpu-vnni", seq_len=SEQ, smooth_alpha=0.5)
+    smooth = QuantConfig.plain(profile="cpu-vnni", seq_len=SEQ, smooth_alpha=0.5)
     row("SmoothQuant static (alpha 0.5), calibrated on WikiText", lambda: build_method(lm.model, "smoothquant", smooth, wiki_calib)[0])
 
     def on_code():
         m = copy.deepcopy(lm.model)
-        quantize_ptq(m, QuantConfig(profile="cpu-vnni", seq_len=SEQ, smooth_alpha=0.5, calibration="mse"), code_calib)
+        quantize_ptq(m, QuantConfig.plain(profile="cpu-vnni", seq_len=SEQ, smooth_alpha=0.5, calibration="mse"), code_calib)
         return m
 
     row("static (alpha 0.5, MSE), calibrated on code", on_code)

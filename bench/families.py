@@ -48,7 +48,7 @@ def main() -> None:
         sessions = {}
         for graph, profile in GRAPHS.items():
             lm = family.build()
-            cfg = QuantConfig(profile=profile, seq_len=64, calib_batches=2, train_steps=3, lr=0.05, smooth_alpha=0.5,
+            cfg = QuantConfig.plain(profile=profile, seq_len=64, calib_batches=2, train_steps=3, lr=0.05, smooth_alpha=0.5,
                               smooth_learn=True)
             state = run_sasq(lm, cfg, windows=_windows(), progress=False).state
             t = time.perf_counter()

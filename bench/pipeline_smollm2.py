@@ -65,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
-    cfg = QuantConfig(calibration=args.calibration, calib_batches=args.calib_batches, train_steps=args.train_steps,
+    cfg = QuantConfig.plain(calibration=args.calibration, calib_batches=args.calib_batches, train_steps=args.train_steps,
                       lr=args.lr, seq_len=args.seq_len)
     test = make_windows(tokenize(load_text("test", args.data_dir), lm.tokenizer), args.seq_len, args.max_windows)
     train = training_windows(lm, cfg, args.data_dir)
@@ -77,7 +77,7 @@ def main() -> None:
         print(f"{name}: PPL {ppl:.3f}", flush=True)
 
     row("FP32, PyTorch", perplexity(lm.model, test).ppl)
-    naive_cfg = QuantConfig(calibration="absmax", calib_batches=cfg.calib_batches, seq_len=args.seq_len, train_steps=0)
+    naive_cfg = QuantConfig.plain(calibration="absmax", calib_batches=cfg.calib_batches, seq_len=args.seq_len, train_steps=0)
     row("naive static W8A8 (absmax, no training), PyTorch fake-quant", perplexity(ptq(lm.model, naive_cfg, calib), test).ppl)
     model = ptq(lm.model, cfg, calib)
     row(f"static PTQ W8A8 ({cfg.calibration} init, no training), PyTorch fake-quant", perplexity(model, test).ppl)

@@ -118,7 +118,7 @@ def curve_stage(args) -> None:
         if key in res["runs"]:
             continue
         lm = load_model(MODEL)
-        cfg = QuantConfig(profile="cpu-vnni", seq_len=seq, calibration="mse", smooth_alpha=0.9, smooth_learn=True,
+        cfg = QuantConfig.plain(profile="cpu-vnni", seq_len=seq, calibration="mse", smooth_alpha=0.9, smooth_learn=True,
                           lr_schedule="cosine", lr=0.01, train_steps=steps, objective=args.objective)
         windows = make_windows(training_tokens(sets), seq)
         t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def _row_model(name: str):
         from sasq_edge.models import load_model
 
         lm = load_model(MODEL)
-        return build_method(lm.model, "dynamic", QuantConfig(profile="cpu-vnni"), np.zeros((1, 8), np.int64))[0]
+        return build_method(lm.model, "dynamic", QuantConfig.plain(profile="cpu-vnni"), np.zeros((1, 8), np.int64))[0]
     if name == "smoothquant":
         state_dir = OUT / "states" / "smoothquant"
         if not (state_dir / "recipe.json").is_file():
@@ -266,7 +266,7 @@ def _row_model(name: str):
             from sasq_edge.models import load_model
             from sasq_edge.pipeline import run_sasq
 
-            cfg = QuantConfig(profile="cpu-vnni", calibration="absmax", smooth_alpha="auto", train_steps=0)
+            cfg = QuantConfig.plain(profile="cpu-vnni", calibration="absmax", smooth_alpha="auto", train_steps=0)
             run_sasq(load_model(MODEL), cfg, DATA, progress=False).state.save(state_dir)
         return _export_state(name, ScaleState.load(state_dir))
     if name == "sasq-ce-best":

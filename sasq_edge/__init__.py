@@ -5,7 +5,7 @@ library entry ``run_sasq``::
 
     from sasq_edge import QuantConfig, load_model, run_sasq
     lm = load_model("HuggingFaceTB/SmolLM2-135M")
-    result = run_sasq(lm, QuantConfig(smooth_alpha="auto", smooth_learn=True))
+    result = run_sasq(lm, QuantConfig())
     result.state.save("run/")
 
 The layers below it, ``exporters`` (ONNX lowering) and ``runtime`` (the torch-free device side),

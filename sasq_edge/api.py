@@ -61,7 +61,7 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
     from sasq_edge.plan import alpha_summary, block_progress, blockwise_plan, model_source
 
     parse_data_spec(data)  # a bad spec fails before the model loads
-    cfg = config if config is not None else QuantConfig.from_recipe("default", profile="auto")
+    cfg = config if config is not None else QuantConfig()
     line = None
     if cfg.blockwise:
         from runtime.families import fused_refusal

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from runtime.families import arch_spec
 from runtime.state import ScaleState, weights_digest
-from sasq_edge.calibrate import make_observer
+from sasq_edge.calibrate import make_observer, observing, set_observed
 from sasq_edge.config import AUTO_ALPHA, QuantConfig
 from sasq_edge.errors import ConfigError
 from sasq_edge.modules import QuantEmbedding, QuantLinear, prepare_block, set_mode
@@ -229,26 +229,12 @@ def _calibrate_block(model: nn.Module, block: nn.Module, names: list[str], confi
     the float block's inputs on ``x``, one window at a time as ``calibrate`` does; the block ends
     in fake-quant mode."""
     cfg = config if calibration is None else dataclasses.replace(config, calibration=calibration)
-    observers, handles = {}, []
-    for name in names:
-        q = model.get_submodule(name)
-        obs = observers[name] = make_observer(cfg, q.act_quant.grid)
-        handles.append(q.register_forward_pre_hook(lambda m, a, obs=obs: obs.update(m.quantizer_input(a[0]))))
+    layers = {name: model.get_submodule(name) for name in names}
     set_mode(block, "float")
-    try:
+    with observing(layers, cfg) as observers:
         for j in range(x.shape[0]):
             _forward(block, x[j:j + 1], call)
-    finally:
-        for h in handles:
-            h.remove()
-    scales = {}
-    for name, obs in observers.items():
-        q = model.get_submodule(name)
-        scale = obs.compute()
-        if not (math.isfinite(scale) and scale > 0):
-            scale = 1.0 / q.act_quant.grid.qmax  # an all-zero input: any positive scale is exact
-        q.act_quant.set_scale(scale, obs.absmax if obs.absmax > 0 else 1.0)
-        scales[name] = scale
+    scales = set_observed(layers, observers)
     set_mode(block, "fake")
     return scales
 
@@ -363,11 +349,9 @@ def _head(model: nn.Module, config: QuantConfig, x: torch.Tensor, source: Any, h
     setattr(model.get_submodule(parent) if parent else model, leaf, q)
     obs = make_observer(config, config.deploy.act)
     norm = model.get_submodule(source.blocks.rpartition(".")[0]).norm
-    for j in range(x.shape[0]):
+    for j in range(x.shape[0]):  # the observer fed directly: running the head itself would cost a vocabulary's matmul
         obs.update(norm(x[j:j + 1]).float())
-    scale = obs.compute()
-    q.act_quant.set_scale(scale if math.isfinite(scale) and scale > 0 else 1.0 / config.deploy.act.qmax,
-                          obs.absmax if obs.absmax > 0 else 1.0)
+    set_observed({head_name: q}, {head_name: obs})
     q.act_quant.set_mode("fake")
     return q
 

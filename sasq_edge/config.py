@@ -30,14 +30,17 @@ class QuantConfig:
     the architecture's default set from the registry in ``runtime.families``.
     """
 
-    profile: str = "trt"
+    # the defaults are the ``default`` recipe, the command's: block-wise training of scales and learned
+    # smoothing factors on rotated inputs, on the profile this CPU runs exactly (``QuantConfig.plain``:
+    # the method without any of it)
+    profile: str = AUTO
     targets: tuple[str, ...] | None = None
-    calibration: str = "absmax"
+    calibration: str = "mse"
     percentile: float = 99.99
     calib_batches: int = 8
     truncation: str = "clip"
-    train_steps: int = 100
-    lr: float = 5e-3
+    train_steps: int = 0
+    lr: float = 0.01
     batch_size: int = 1
     seq_len: int = 512
     seed: int = 0
@@ -46,19 +49,20 @@ class QuantConfig:
     # per-input-channel factors folded SmoothQuant-style into the preceding RMSNorm / linear
     # (x / s, W * s) before quantization; None = off, "auto" = searched on held-out validation
     # windows (sasq_edge.pipeline). The deployed graph keeps per-tensor scales.
-    smooth_alpha: float | str | None = None
+    smooth_alpha: float | str | None = AUTO_ALPHA
     # train the smoothing factors too (on top of SmoothQuant's), folded into the weights after training
-    smooth_learn: bool = False
-    lr_schedule: str = "constant"
-    objective: str = "ce"
-    # online block-Hadamard rotation of the MLP down projections' input (runtime.rotation): the
-    # largest power of two up to this block size that divides the layer's input width; 0 = off
-    rotate_block: int = 0
+    smooth_learn: bool = True
+    lr_schedule: str = "cosine"
+    objective: str = "kd"
+    # online block-Hadamard rotation of the inputs of q/k/v, gate/up and the down projection
+    # (runtime.rotation): the largest power of two up to this block size that divides the layer's
+    # input width; 0 = off
+    rotate_block: int = 64
     # block-wise training (sasq_edge.blockwise): each decoder block's scales train against the float
     # block's output on block_windows captured windows, block_steps steps each, one block in memory at
     # a time; train_steps then are the steps of an end-to-end pass after it (where the model fits)
-    blockwise: bool = False
-    block_steps: int = 0
+    blockwise: bool = True
+    block_steps: int = 20
     block_windows: int = 16
 
     def __post_init__(self) -> None:
@@ -115,6 +119,13 @@ class QuantConfig:
             raise ConfigError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
         return cls(**{**RECIPES[name], **overrides})
 
+    @classmethod
+    def plain(cls, **overrides: Any) -> QuantConfig:
+        """The method alone, ``overrides`` on top: absmax initial scales, no smoothing and no
+        rotation, end-to-end next-token training of the scales only, on TensorRT's profile (the
+        same on every CPU). What the tests and the ablations start from."""
+        return cls(**{**PLAIN, **overrides})
+
     @property
     def deploy(self) -> DeployProfile:
         return get_profile(self.profile)
@@ -131,26 +142,29 @@ class QuantConfig:
         extra = sorted(set(d) - known)
         if extra:
             raise ConfigError(f"unknown config key(s) {', '.join(extra)}: valid keys are {', '.join(sorted(known))}")
-        d = dict(d)
+        # a key a state file lacks was added to the method later, with the plain method's value
+        d = {**PLAIN, **d}
         if d.get("targets") is not None:
             d["targets"] = tuple(d["targets"])
         return cls(**d)
 
 
-# The presets the command line starts from (``--recipe``; ``default`` when none is named). The
-# dataclass's own defaults above are the plain method (absmax init, no smoothing, next-token
-# loss); ``default`` is the recipe that measured best on held-out text within the CPU budget
-# (bench/results/quality_smollm2.md: quality against steps and sequence length, distillation
-# against cross-entropy, on WikiText-2 and three other domains); ``fast`` trades a little quality
-# for a few minutes; ``best`` is the longest run measured (a GPU's worth of steps).
-_LEARNED = dict(calibration="mse", smooth_alpha=AUTO_ALPHA, smooth_learn=True, lr_schedule="cosine", lr=0.01,
-                objective="kd", rotate_block=64)
-# The presets' text when a command gets no --data: runtime.sources.DEFAULT_CALIBRATION_SPEC.
-# Every preset trains block by block (sasq_edge.blockwise: one decoder block in memory at a time, so
-# every model size gets trained scales); ``best`` adds end-to-end distillation steps after it where
-# the whole model fits (bench/results/blockwise.md).
+# The presets the command line starts from (``--recipe``; ``default`` when none is named).
+# ``default`` (the dataclass's own defaults) is the recipe that measured best on held-out text
+# within the CPU budget (bench/results/quality_smollm2.md and blockwise.md: quality against steps,
+# sequence length, distillation against cross-entropy, block-wise against end to end, on
+# WikiText-2 and three other domains); ``fast`` trades a little quality for a few minutes; ``best``
+# is the longest run measured (a GPU's worth of steps), with end-to-end distillation steps after
+# the block-wise pass where the whole model fits. The presets' text when a command gets no --data:
+# runtime.sources.DEFAULT_CALIBRATION_SPEC.
 RECIPES: dict[str, dict[str, Any]] = {
-    "fast": {**_LEARNED, "seq_len": 512, "blockwise": True, "block_steps": 10, "block_windows": 8, "train_steps": 0},
-    "default": {**_LEARNED, "seq_len": 512, "blockwise": True, "block_steps": 20, "block_windows": 16, "train_steps": 0},
-    "best": {**_LEARNED, "seq_len": 2048, "blockwise": True, "block_steps": 100, "block_windows": 32, "train_steps": 200},
+    "fast": {"block_steps": 10, "block_windows": 8},
+    "default": {},
+    "best": {"seq_len": 2048, "block_steps": 100, "block_windows": 32, "train_steps": 200},
 }
+
+# The method without the recipe's additions (``QuantConfig.plain``); also the value of a key that a
+# state file written before the key existed lacks.
+PLAIN: dict[str, Any] = dict(profile="trt", calibration="absmax", train_steps=100, lr=5e-3, smooth_alpha=None,
+                             smooth_learn=False, lr_schedule="constant", objective="ce", rotate_block=0, blockwise=False,
+                             block_steps=0, block_windows=16)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 from pathlib import Path
 
@@ -313,56 +312,30 @@ class _LayerwiseCalibration:
         args = args[1:] if args else args
         if "hidden_states" in kwargs:
             kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        from sasq_edge.calibrate import make_observer
-        from sasq_edge.modules import QuantLinear, rotation_blocks, set_mode, target_names
-        from sasq_edge.smooth import fold_factors, smooth_groups, smoothquant_factors
+        from sasq_edge.calibrate import observing, set_observed
+        from sasq_edge.modules import prepare_block, set_mode
+        from sasq_edge.smooth import fold_factors, recording_absmax, smooth_groups, smoothquant_factors
 
         lm, config, model = self.lm, self.config, self.lm.model
         lm.load(piece)
         if config.smooth_alpha is not None:
             groups = {k: g for k, g in smooth_groups(model, config.targets).items() if k.startswith(piece + ".")}
-            stats: dict[str, torch.Tensor] = {}
-            handles = []
-            for key, g in groups.items():
-                first = model.get_submodule(f"{key[: -len(g.prev) - 1]}.{g.linears[0]}")
-
-                def hook(_m, a, key=key):
-                    x = a[0].detach().abs().reshape(-1, a[0].shape[-1]).amax(dim=0).float()
-                    stats[key] = torch.maximum(stats[key], x) if key in stats else x
-                handles.append(first.register_forward_pre_hook(hook))
-            try:
+            with recording_absmax(model, groups) as stats:
                 self._windows(layer, hidden, args, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
             factors = smoothquant_factors(model, groups, stats, float(config.smooth_alpha))
             fold_factors(model, factors)
             self.factors.update(factors)
-        deploy = config.deploy
-        names = [n for n in target_names(model, config) if n.startswith(piece + ".")]
-        blocks = rotation_blocks(model, config)
-        observers, handles = {}, []
-        for name in names:
-            parent, _, leaf = name.rpartition(".")
-            block = blocks.get(name, 1)
-            q = QuantLinear(model.get_submodule(name), deploy.act, deploy.weight, config.truncation, block)
-            if block > 1:
-                self.rotation[name] = block
-            setattr(model.get_submodule(parent), leaf, q)
-            obs = observers[name] = make_observer(config, deploy.act)
-            handles.append(q.register_forward_pre_hook(lambda m, a, obs=obs: obs.update(m.quantizer_input(a[0]))))
-            self.digest_items.append(digest_entry(name, q))
+        layers = {name: model.get_submodule(name) for name in prepare_block(model, piece, config)}
         set_mode(layer, "float")
-        try:
+        with observing(layers, config) as observers:
             self._windows(layer, hidden, args, kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        for name, obs in observers.items():
-            scale = obs.compute()
-            self.scales[name] = scale if math.isfinite(scale) and scale > 0 else 1.0 / deploy.act.qmax
-            if config.truncation == "tanh":
-                self.trunc[name] = obs.absmax if obs.absmax > 0 else 1.0
+        self.scales.update(set_observed(layers, observers))
+        for name, q in layers.items():
+            self.digest_items.append(digest_entry(name, q))
+            if q.rotation > 1:
+                self.rotation[name] = q.rotation
+            if q.act_quant.trunc is not None:  # soft truncation
+                self.trunc[name] = float(q.act_quant.trunc)
 
 
 def calibrate_layerwise(lm: LayerwiseModel, config, windows: np.ndarray, model_source: str,
@@ -407,7 +380,7 @@ def calibrate_layerwise(lm: LayerwiseModel, config, windows: np.ndarray, model_s
         with torch.no_grad():
             hidden = model.model(input_ids=torch.from_numpy(np.ascontiguousarray(windows)), use_cache=False).last_hidden_state
             if config.lm_head:
-                from sasq_edge.calibrate import make_observer
+                from sasq_edge.calibrate import make_observer, set_observed
                 from sasq_edge.modules import QuantLinear
 
                 name, head = lm.head()
@@ -415,9 +388,9 @@ def calibrate_layerwise(lm: LayerwiseModel, config, windows: np.ndarray, model_s
                 obs = make_observer(config, config.deploy.act)
                 for j in range(hidden.shape[0]):
                     obs.update(hidden[j:j + 1])
-                cal.scales[name] = obs.compute()
-                if config.truncation == "tanh":
-                    cal.trunc[name] = obs.absmax
+                cal.scales.update(set_observed({name: q}, {name: obs}))
+                if q.act_quant.trunc is not None:
+                    cal.trunc[name] = float(q.act_quant.trunc)
                 cal.digest_items.append(digest_entry(name, q))
     finally:
         for h in handles:

@@ -36,7 +36,7 @@ def tiny() -> LoadedModel:
 
 @pytest.fixture
 def config() -> QuantConfig:
-    return QuantConfig(seq_len=64, calib_batches=2, train_steps=3, lr=0.05)
+    return QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=3, lr=0.05)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def _refusal(arch: str) -> str:
 
 def test_prepare_refuses_an_unknown_architecture():
     with pytest.raises(ModelLoadError, match=re.escape(_refusal("gpt2"))):
-        prepare(_tiny_gpt2(), QuantConfig())
+        prepare(_tiny_gpt2(), QuantConfig.plain())
 
 
 def _garbage_weights(folder) -> None:

@@ -32,12 +32,12 @@ def test_absmax_calibration_is_the_mean_of_per_batch_scales(tiny, config, window
 
 @pytest.mark.parametrize("method", ["percentile", "mse"])
 def test_clipping_calibrations_clip(tiny, windows, method):
-    cfg = QuantConfig(calibration=method, percentile=99.0, seq_len=64)
+    cfg = QuantConfig.plain(calibration=method, percentile=99.0, seq_len=64)
     prepare(tiny.model, cfg)
     clipped = calibrate(tiny.model, _batches(windows), cfg)
     ref = tiny_random_llama()
-    prepare(ref.model, QuantConfig(seq_len=64))
-    tiny_absmax = calibrate(ref.model, _batches(windows), QuantConfig(seq_len=64))
+    prepare(ref.model, QuantConfig.plain(seq_len=64))
+    tiny_absmax = calibrate(ref.model, _batches(windows), QuantConfig.plain(seq_len=64))
     assert all(clipped[n] <= tiny_absmax[n] * (1 + 1e-6) for n in clipped)
     assert sum(clipped[n] < tiny_absmax[n] * 0.99 for n in clipped) >= len(clipped) // 2
 
@@ -75,7 +75,7 @@ def test_only_scales_train_and_weights_stay_bit_identical(tiny, config, windows)
 
 
 def test_soft_truncation_trains_its_range(tiny, windows):
-    cfg = QuantConfig(truncation="tanh", seq_len=64, train_steps=2, lr=0.05)
+    cfg = QuantConfig.plain(truncation="tanh", seq_len=64, train_steps=2, lr=0.05)
     prepare(tiny.model, cfg)
     calibrate(tiny.model, _batches(windows), cfg)
     m = tiny.model.model.layers[0].mlp.down_proj.act_quant
@@ -114,7 +114,7 @@ def test_kd_loss_against_a_float64_reference():
 
 def test_kd_training_trains_scales_only(tiny, windows):
     """Distillation from the same model with its quantizers off: the float weights stay bit-identical."""
-    cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=3, lr=0.05, objective="kd")
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=3, lr=0.05, objective="kd")
     prepare(tiny.model, cfg)
     calibrate(tiny.model, [windows[:1], windows[1:2]], cfg)
     frozen = {n: p.detach().clone() for n, p in tiny.model.named_parameters() if "act_quant" not in n}

@@ -511,7 +511,7 @@ def test_run_sasq_data_keyword_and_explicit_windows(tmp_path):
 
     f = tmp_path / "mine.txt"
     f.write_text(_prose(300))
-    cfg = QuantConfig(seq_len=32, calib_batches=1, train_steps=1)
+    cfg = QuantConfig.plain(seq_len=32, calib_batches=1, train_steps=1)
     state = run_sasq(tiny_random_llama(), cfg, data=str(f), progress=False).state
     assert state.training["data"]["spec"] == str(f) and state.training["text"] == str(f)
     windows = np.random.default_rng(0).integers(0, 256, (3, 32))

@@ -40,7 +40,7 @@ def _run(profile: str, tmp, graph: str = "traced", **options):
     lm = tiny_random_llama()
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     params = {"embedding": lm.model.get_input_embeddings().weight, "lm_head": lm.model.lm_head.weight}
-    cfg = QuantConfig(profile=profile, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, **options)
+    cfg = QuantConfig.plain(profile=profile, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, **options)
     prepare(lm.model, cfg)
     calibrate(lm.model, [WINDOWS[:1], WINDOWS[1:2]], cfg)
     train_scales(lm.model, WINDOWS, cfg, progress=False)
@@ -75,11 +75,11 @@ def _attr(node: onnx.NodeProto, name: str):
 
 def test_prepare_swaps_embedding_and_head(tiny):
     emb, head = tiny.model.get_input_embeddings(), tiny.model.lm_head
-    prepare(tiny.model, QuantConfig(profile="cpu-vnni", embedding="int8", lm_head=True))
+    prepare(tiny.model, QuantConfig.plain(profile="cpu-vnni", embedding="int8", lm_head=True))
     q_emb, q_head = tiny.model.get_input_embeddings(), tiny.model.lm_head
     assert type(q_emb) is QuantEmbedding and type(q_head) is QuantLinear
     assert q_emb.weight is emb.weight and q_head.weight is head.weight  # the same (tied) Parameter
-    assert q_emb.grid == EMBEDDING_GRID and q_head.weight_grid == QuantConfig(profile="cpu-vnni").deploy.weight
+    assert q_emb.grid == EMBEDDING_GRID and q_head.weight_grid == QuantConfig.plain(profile="cpu-vnni").deploy.weight
     names = [n for n, _ in quant_linears(tiny.model)]
     assert len(names) == 15 and names[-1] == "lm_head"
     assert q_emb.weight_int.shape == (V, H) and q_emb.weight_int.dtype == torch.int8
@@ -89,15 +89,15 @@ def test_prepare_swaps_embedding_and_head(tiny):
 
 
 def test_defaults_keep_embedding_and_head_float(tiny):
-    prepare(tiny.model, QuantConfig())
+    prepare(tiny.model, QuantConfig.plain())
     assert type(tiny.model.get_input_embeddings()) is nn.Embedding and type(tiny.model.lm_head) is nn.Linear
 
 
 def test_unknown_embedding_value():
     with pytest.raises(ConfigError, match="unknown embedding 'int4': choose one of float, int8"):
-        QuantConfig(embedding="int4")
+        QuantConfig.plain(embedding="int4")
     with pytest.raises(ConfigError, match="unknown embedding 'INT8'"):
-        QuantConfig.from_dict({**QuantConfig().to_dict(), "embedding": "INT8"})
+        QuantConfig.from_dict({**QuantConfig.plain().to_dict(), "embedding": "INT8"})
 
 
 # --- the export --------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_int8_embedding_is_refused_for_tensorrt():
     """Its DequantizeLinear takes per-row scales gathered at run time, which TensorRT's
     constant-scale rule forbids: the config says so before any work is done."""
     with pytest.raises(ConfigError, match="--int8-embedding"):
-        QuantConfig(profile="trt", embedding="int8")
+        QuantConfig.plain(profile="trt", embedding="int8")
 
 
 def test_int8_embedding_graph_breaks_only_the_tensorrt_rules_it_must(deploy):

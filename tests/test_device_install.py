@@ -51,7 +51,7 @@ def folder(tmp_path_factory):
 
     lm = tiny_random_llama()
     windows = np.random.default_rng(3).integers(0, 257, (6, 64))
-    state = run_sasq(lm, QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=2, lr=0.05),
+    state = run_sasq(lm, QuantConfig.plain(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=2, lr=0.05),
                      windows=windows, progress=False).state
     res = export_onnx(lm.model, tmp_path_factory.mktemp("device") / "model.onnx", state=state, tokenizer=lm.tokenizer)
     return res.onnx, lm.tokenizer

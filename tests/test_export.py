@@ -27,7 +27,7 @@ def exported(tmp_path_factory):
     from sasq_edge.models import tiny_random_llama
 
     lm = tiny_random_llama()
-    cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=3, lr=0.05)
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=3, lr=0.05)
     windows = torch.randint(0, 257, (6, 64), generator=torch.Generator().manual_seed(1))
     prepare(lm.model, cfg)
     calibrate(lm.model, [windows[:1], windows[1:2]], cfg)

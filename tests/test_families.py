@@ -174,7 +174,7 @@ def test_prepare_quantizes_the_targets_and_float_mode_is_the_float_model(family)
     ids = torch.from_numpy(_windows()[:2])
     with torch.no_grad():
         ref = lm.model(input_ids=ids).logits
-        prepare(lm.model, QuantConfig())
+        prepare(lm.model, QuantConfig.plain())
         assert sorted(n.rsplit(".", 1)[-1] for n, _ in quant_linears(lm.model)) == sorted(spec.targets * LAYERS)
         assert torch.equal(lm.model(input_ids=ids).logits, ref)
 
@@ -185,7 +185,7 @@ def test_smoothing_groups_read_every_target_once(family):
     groups = smooth_groups(model)
     assert len(groups) == LAYERS * len(arch_spec(family.model_type).smooth)
     consumers = [f"{k[: -len(g.prev) - 1]}.{n}" for k, g in groups.items() for n in g.linears]
-    assert sorted(consumers) == sorted(target_names(model, QuantConfig()))
+    assert sorted(consumers) == sorted(target_names(model, QuantConfig.plain()))
     for key in groups:
         assert isinstance(model.get_submodule(key).weight, nn.Parameter)
 
@@ -264,7 +264,7 @@ CASES = [(f, r, g) for f in FAMILIES for r in RECIPES for g in GRAPHS if g == "f
 def exported(request, tmp_path_factory) -> Exported:
     family, recipe, graph = request.param
     lm = family.build()
-    cfg = QuantConfig(profile=GRAPHS[graph], seq_len=64, calib_batches=2, train_steps=3, lr=0.05, **RECIPES[recipe])
+    cfg = QuantConfig.plain(profile=GRAPHS[graph], seq_len=64, calib_batches=2, train_steps=3, lr=0.05, **RECIPES[recipe])
     state = run_sasq(lm, cfg, windows=_windows(), progress=False).state
     out = tmp_path_factory.mktemp(f"{family.name}-{recipe}-{graph}") / "model.onnx"
     res = export_onnx(lm.model, out, state=state, tokenizer=lm.tokenizer, graph=graph)

@@ -47,7 +47,7 @@ def _tiny_with_gain() -> LoadedModel:
 def quant(tmp_path_factory):
     """Calibrated (2 windows, no training) cpu-avx2 export, with and without the KV cache."""
     lm = _tiny_with_gain()
-    cfg = QuantConfig(profile="cpu-avx2", seq_len=64, calib_batches=2, train_steps=0)
+    cfg = QuantConfig.plain(profile="cpu-avx2", seq_len=64, calib_batches=2, train_steps=0)
     windows = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(1))
     prepare(lm.model, cfg)
     calibrate(lm.model, [windows[:1], windows[1:]], cfg)

@@ -61,7 +61,7 @@ def test_checkpoint_reads_what_safetensors_reads(tmp_path, dtype):
                          ids=["plain", "smooth-learned", "int8-head"])
 def test_layer_by_layer_export_is_bit_identical(folder, tmp_path, options):
     lm = tiny_random_llama()
-    cfg = QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, **options)
+    cfg = QuantConfig.plain(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, **options)
     state = run_sasq(lm, cfg, windows=WINDOWS, progress=False).state
     whole = export_onnx(lm.model, tmp_path / "whole" / "model.onnx", state=state, tokenizer=lm.tokenizer)
     source = LayerwiseModel(folder, smooth=state.smooth)
@@ -73,7 +73,7 @@ def test_layer_by_layer_export_is_bit_identical(folder, tmp_path, options):
 
 def test_layer_by_layer_export_refuses_other_weights(folder, tmp_path):
     lm = tiny_random_llama(seed=3)  # same architecture, other weights: the digest differs
-    state = run_sasq(lm, QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=0), windows=WINDOWS,
+    state = run_sasq(lm, QuantConfig.plain(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=0), windows=WINDOWS,
                      progress=False).state
     from exporters import ExportError
 
@@ -84,7 +84,7 @@ def test_layer_by_layer_export_refuses_other_weights(folder, tmp_path):
 
 @pytest.mark.parametrize("alpha", [None, 0.5])
 def test_layer_by_layer_calibration_matches_the_whole_model(folder, tmp_path, alpha):
-    cfg = QuantConfig(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=0, calibration="mse", smooth_alpha=alpha)
+    cfg = QuantConfig.plain(profile=HOST_PROFILE, seq_len=64, calib_batches=2, train_steps=0, calibration="mse", smooth_alpha=alpha)
     calib = WINDOWS[:2]
     lm = tiny_random_llama()
     quantize_ptq(lm.model, cfg, calib)

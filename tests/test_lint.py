@@ -301,7 +301,7 @@ def _export(profile: str, folder: Path) -> tuple[Path, int]:
     from sasq_edge.state import state_from_model
 
     lm = tiny_random_llama()
-    cfg = QuantConfig(profile=profile, calib_batches=1)
+    cfg = QuantConfig.plain(profile=profile, calib_batches=1)
     prepare(lm.model, cfg)
     calibrate(lm.model, [torch.randint(0, 257, (1, 16), generator=torch.Generator().manual_seed(1))], cfg)
     res = export_onnx(lm.model, folder / "model.onnx", state=state_from_model(lm.model, cfg, lm.source))

@@ -50,11 +50,11 @@ def test_fake_mode_changes_output_and_modes_restore(tiny, config, windows):
 
 def test_bad_targets_and_double_prepare(tiny):
     with pytest.raises(ConfigError, match="q_prj"):
-        prepare(tiny.model, QuantConfig(targets=("q_prj",)))
-    prepare(tiny.model, QuantConfig(targets=("down_proj",)))
+        prepare(tiny.model, QuantConfig.plain(targets=("q_prj",)))
+    prepare(tiny.model, QuantConfig.plain(targets=("down_proj",)))
     assert [n for n, _ in quant_linears(tiny.model)][0].endswith("down_proj")
     with pytest.raises(ConfigError, match="already prepared"):
-        prepare(tiny.model, QuantConfig())
+        prepare(tiny.model, QuantConfig.plain())
 
 
 def test_quantlinear_is_a_linear(tiny, config):
@@ -78,11 +78,11 @@ def test_quantlinear_is_a_linear(tiny, config):
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        QuantConfig(**kwargs)
+        QuantConfig.plain(**kwargs)
 
 
 def test_config_from_dict_is_strict():
-    d = QuantConfig(targets=("q_proj",)).to_dict()
-    assert QuantConfig.from_dict(d) == QuantConfig(targets=("q_proj",))
+    d = QuantConfig.plain(targets=("q_proj",)).to_dict()
+    assert QuantConfig.from_dict(d) == QuantConfig.plain(targets=("q_proj",))
     with pytest.raises(ConfigError, match="learning_rate"):
         QuantConfig.from_dict({**d, "learning_rate": 1e-3})

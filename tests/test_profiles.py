@@ -51,7 +51,7 @@ def test_profile_grids():
     for name in CPU_PROFILES:
         assert PROFILES[name].session_options == (), name  # uint8 activations fuse without any switch
     for name, p in PROFILES.items():
-        assert p.name == name and QuantConfig(profile=name).deploy is p
+        assert p.name == name and QuantConfig.plain(profile=name).deploy is p
         # the stored codes (grid + zero point) fill exactly the deployed integer type
         info = np.iinfo(p.act.dtype)
         assert (p.act.qmin + p.act.zero_point, p.act.qmax + p.act.zero_point) == (info.min, info.max), name
@@ -180,7 +180,7 @@ def test_resolve_profile_auto_on_this_machine(this_cpu):
 @pytest.fixture
 def trt_state() -> ScaleState:
     scales = {f"model.layers.{i}.self_attn.{p}": 0.01 * (i + 1) + 0.001 * k for i in range(2) for k, p in enumerate("qkvo")}
-    method = QuantConfig(profile="trt", seq_len=64, calib_batches=2, train_steps=3).to_dict()
+    method = QuantConfig.plain(profile="trt", seq_len=64, calib_batches=2, train_steps=3).to_dict()
     return ScaleState("trt", scales, "0123abcd", "tiny-random-llama", method=method, training={"steps": 3})
 
 
@@ -219,7 +219,7 @@ def exported(request, tmp_path_factory):
     """Prepare, calibrate on 2 windows (no training) and export the tiny model with the profile."""
     profile = request.param
     lm = tiny_random_llama()
-    cfg = QuantConfig(profile=profile, seq_len=64, calib_batches=2, train_steps=0)
+    cfg = QuantConfig.plain(profile=profile, seq_len=64, calib_batches=2, train_steps=0)
     windows = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(1))
     prepare(lm.model, cfg)
     calibrate(lm.model, [windows[:1], windows[1:]], cfg)

@@ -33,7 +33,7 @@ MORE_PROMPTS = ["Once upon a time, there was a", "The quick brown fox", "def fib
 def int8_model(smollm2_dir, tmp_path_factory):
     """MSE-calibrated on 2 validation windows, no training, exported with the KV cache."""
     lm = load_model(str(smollm2_dir))
-    cfg = QuantConfig(profile="cpu-avx2", seq_len=256, calibration="mse", calib_batches=2, train_steps=0)
+    cfg = QuantConfig.plain(profile="cpu-avx2", seq_len=256, calibration="mse", calib_batches=2, train_steps=0)
     state = run_sasq(lm, cfg, WIKITEXT, progress=False).state
     res = export_onnx(lm.model, tmp_path_factory.mktemp("smollm2_kv") / "model.onnx", state=state, tokenizer=lm.tokenizer)
     return lm, state, res

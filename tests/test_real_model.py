@@ -34,7 +34,7 @@ WIKITEXT = ASSETS / "wikitext2"
 def sasq_export(smollm2_dir, tmp_path_factory):
     """Calibrate on 2 validation windows, train 2 steps, export: the product path in miniature."""
     lm = load_model(str(smollm2_dir))
-    cfg = QuantConfig(seq_len=256, calib_batches=2, train_steps=2, lr=0.01)
+    cfg = QuantConfig.plain(seq_len=256, calib_batches=2, train_steps=2, lr=0.01)
     result = run_sasq(lm, cfg, WIKITEXT, progress=False)
     state, report = result.state, result.report
     out = tmp_path_factory.mktemp("smollm2") / "model.onnx"
@@ -94,7 +94,7 @@ def test_real_two_layer_parity(smollm2_dir, tmp_path):
 
     lm = load_model(str(smollm2_dir))
     lm.model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, num_hidden_layers=2).eval()
-    cfg = QuantConfig(seq_len=256, calib_batches=2, train_steps=2, lr=0.01, calibration="mse")
+    cfg = QuantConfig.plain(seq_len=256, calib_batches=2, train_steps=2, lr=0.01, calibration="mse")
     state = run_sasq(lm, cfg, WIKITEXT, progress=False).state
     res = export_onnx(lm.model, tmp_path / "model.onnx", state=state, tokenizer=lm.tokenizer)
     assert res.to_dict()["quantize_linear"] == 14

@@ -75,7 +75,7 @@ def test_committed_best_state_beats_the_static_baselines(lm, valid):
     ppl_sasq = perplexity(sasq, test, progress=False).ppl
     ppl_fp32 = perplexity(lm.model, test, progress=False).ppl
     calib = sample_windows(valid, 4, 0)
-    cfg = QuantConfig(seq_len=256, calib_batches=4)
+    cfg = QuantConfig.plain(seq_len=256, calib_batches=4)
     naive, _ = build_method(lm.model, "naive", cfg, calib)
     ppl_naive = perplexity(naive, test, progress=False).ppl
     # measured on these 2 x 512 test windows: FP32 28.23, SASQ 26.43, naive static 52.24

@@ -68,6 +68,25 @@ def test_command_line_runs_the_preset(name):
     assert (cfg.train_steps, cfg.objective) == (7, "ce")
 
 
+def test_bare_config_is_the_default_recipe():
+    """A library caller who names nothing gets what the command runs: the ``default`` preset on the
+    profile this CPU runs exactly; ``plain`` is the method alone, the same on every CPU."""
+    assert QuantConfig() == QuantConfig.from_recipe("default") == recipe.config(_parse(["--model", "m"]))
+    assert QuantConfig().profile == resolve_profile("auto")[0]
+    plain = QuantConfig.plain()
+    assert (plain.profile, plain.calibration, plain.smooth_alpha, plain.rotate_block, plain.blockwise) == \
+        ("trt", "absmax", None, 0, False)
+
+
+def test_state_written_before_a_key_existed_reads_as_the_plain_method():
+    """A state's method recipe lacking a later key (here the block-wise ones) means the method as it
+    ran then, not today's default recipe."""
+    d = QuantConfig.plain(train_steps=3).to_dict()
+    for key in ("blockwise", "block_steps", "block_windows", "rotate_block"):
+        d.pop(key)
+    assert QuantConfig.from_dict(d) == QuantConfig.plain(train_steps=3)
+
+
 def test_default_fits_the_cpu_budget():
     """The default budget stays the one measured on this 2-core CPU (bench/results/blockwise.md):
     block by block on 16 windows of 512 tokens, 20 steps a block, no end-to-end steps."""

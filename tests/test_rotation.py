@@ -74,21 +74,21 @@ def test_rotation_spreads_an_outlier_channel():
 
 def test_prepare_rotates_every_linear_but_the_attention_output():
     lm = tiny_random_llama()
-    prepare(lm.model, QuantConfig(seq_len=64, rotate_block=64))
+    prepare(lm.model, QuantConfig.plain(seq_len=64, rotate_block=64))
     rotated = {n: m.rotation for n, m in quant_linears(lm.model) if m.rotation > 1}
     assert rotated == dict.fromkeys(ROTATED, 64)  # hidden 64, intermediate 128: blocks of 64
     lm = tiny_random_llama()
-    prepare(lm.model, QuantConfig(seq_len=64, rotate_block=32))
+    prepare(lm.model, QuantConfig.plain(seq_len=64, rotate_block=32))
     assert {m.rotation for n, m in quant_linears(lm.model) if n in ROTATED} == {32}
     lm = tiny_random_llama()
-    prepare(lm.model, QuantConfig(seq_len=64, rotate_block=0))
+    prepare(lm.model, QuantConfig.plain(seq_len=64, rotate_block=0))
     assert all(m.rotation == 1 and m.hadamard is None for _, m in quant_linears(lm.model))
 
 
 def test_config_rejects_a_block_that_is_not_a_power_of_two():
     for bad in (1, 3, 48, -64, True):
         with pytest.raises(ConfigError, match="rotate_block"):
-            QuantConfig(rotate_block=bad)
+            QuantConfig.plain(rotate_block=bad)
 
 
 def test_quant_linear_float_mode_unchanged_fake_mode_equals_float64_reference():
@@ -97,7 +97,7 @@ def test_quant_linear_float_mode_unchanged_fake_mode_equals_float64_reference():
     with torch.no_grad():
         lin.weight[:, 5] *= 30  # an outlier input channel
     before = lin.weight.detach().clone()
-    q = QuantLinear(lin, QuantConfig().deploy.act, QuantConfig().deploy.weight, "clip", rotation=64)
+    q = QuantLinear(lin, QuantConfig.plain().deploy.act, QuantConfig.plain().deploy.weight, "clip", rotation=64)
     x = torch.randn(3, 10, 128)
     x[..., 7] *= 50
     assert torch.equal(q(x), F.linear(x, lin.weight, lin.bias))  # float mode: W x, untouched
@@ -108,7 +108,7 @@ def test_quant_linear_float_mode_unchanged_fake_mode_equals_float64_reference():
     # reference in float64: codes of R x on the grid, times the INT8 codes of W R
     xr = rotate_input(x.numpy(), 64)
     codes_x = np.clip(np.rint(xr / np.float32(0.05)), -128, 127).astype(np.float64)
-    codes_w, sw = encode_weight(rotate_weight(lin.weight.detach().numpy(), 64), QuantConfig().deploy.weight)
+    codes_w, sw = encode_weight(rotate_weight(lin.weight.detach().numpy(), 64), QuantConfig.plain().deploy.weight)
     ref = (codes_x @ codes_w.astype(np.float64).T) * (np.float32(0.05) * sw.astype(np.float64)) + lin.bias.detach().double().numpy()
     assert np.abs(y.numpy() - ref).max() < 1e-4 * np.abs(ref).max()
     assert torch.equal(lin.weight, before) and q.weight is lin.weight  # frozen weights, bit-identical
@@ -116,7 +116,7 @@ def test_quant_linear_float_mode_unchanged_fake_mode_equals_float64_reference():
 
 def _trained(profile: str, **over):
     lm = tiny_random_llama()
-    cfg = QuantConfig(profile=profile, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, rotate_block=64, **over)
+    cfg = QuantConfig.plain(profile=profile, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, rotate_block=64, **over)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     prepare(lm.model, cfg)
     calibrate(lm.model, [WINDOWS[:1], WINDOWS[1:2]], cfg)
@@ -195,7 +195,7 @@ def test_a_version_2_folder_loads_unrotated(tmp_path):
     """Folders written before rotation existed (format version 2, no deploy.rotation) still load,
     as unrotated states that apply to a fresh model."""
     lm = tiny_random_llama()
-    cfg = QuantConfig(seq_len=64, calib_batches=1, train_steps=0)
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=1, train_steps=0)
     prepare(lm.model, cfg)
     calibrate(lm.model, [WINDOWS[:1]], cfg)
     state_from_model(lm.model, cfg, lm.source).save(tmp_path / "run")

@@ -128,7 +128,7 @@ def test_memory_estimate_against_a_measured_peak(tmp_path):
     """A random 45M-parameter Llama calibrated and trained (default recipe, 256-token windows) in a
     fresh process: its peak RSS lies within 40% of the estimate made from the config alone."""
     cfg = _config(512, 1536, 8, 8192)
-    qcfg = QuantConfig.from_recipe("default", seq_len=256, calib_batches=2, train_steps=2)
+    qcfg = QuantConfig.from_recipe("default", profile="trt", seq_len=256, calib_batches=2, train_steps=2)
     est = memory.estimate(cfg, qcfg)
     code = """
 import json, sys, torch
@@ -140,7 +140,7 @@ import numpy as np
 torch.manual_seed(0)
 cfg = LlamaConfig(**json.loads(sys.argv[1]))
 model = LlamaForCausalLM(cfg).eval()
-qcfg = QuantConfig.from_recipe("default", seq_len=256, calib_batches=2, train_steps=2)
+qcfg = QuantConfig.from_recipe("default", profile="trt", seq_len=256, calib_batches=2, train_steps=2)
 windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, 256))
 run_sasq(LoadedModel(model, byte_tokenizer(), "random"), qcfg, windows=windows, progress=False)
 # VmHWM: this process image's peak (ru_maxrss would carry the forking pytest process's peak across exec)
@@ -157,7 +157,7 @@ def test_memory_estimate_of_large_models():
     """7B in float32 does not fit 24 GiB, in bf16 with checkpointing it does; more processes need more."""
     llama7b = _config(4096, 11008, 32, 32000)
     llama7b.tie_word_embeddings = False
-    q = QuantConfig.from_recipe("default", blockwise=False, block_steps=0, train_steps=100)  # end to end: the whole model
+    q = QuantConfig.from_recipe("default", profile="trt", blockwise=False, block_steps=0, train_steps=100)  # end to end: the whole model
     fp32, bf16 = memory.estimate(llama7b, q), memory.estimate(llama7b, q, dtype="bfloat16", gradient_checkpointing=True)
     assert fp32.peak > 24 * memory.GIB and bf16.peak < fp32.peak / 2
     assert memory.Sizes.of(llama7b).params == pytest.approx(6.74e9, rel=0.01)  # Llama-2-7B's linears and embeddings

@@ -116,7 +116,7 @@ def test_state_refuses_bad_smoothing_factors(tiny, config, windows, tmp_path):
 
 
 def test_learned_smoothing_trains_factors_only_and_folds(tiny, windows):
-    cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=5, lr=0.05, smooth_alpha=0.5)
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=5, lr=0.05, smooth_alpha=0.5)
     originals = snapshot(tiny.model)
     start = quantize_ptq(tiny.model, cfg, _np(windows[:2]))
     frozen = {n: p.detach().clone() for n, p in tiny.model.named_parameters() if not n.endswith("log_scale")}
@@ -139,7 +139,7 @@ def test_learned_smoothing_trains_factors_only_and_folds(tiny, windows):
 
 
 def test_learned_smoothing_state_reproduces_the_trained_model(tiny, windows, tmp_path):
-    cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=4, lr=0.05, smooth_alpha=0.5, smooth_learn=True)
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=4, lr=0.05, smooth_alpha=0.5, smooth_learn=True)
     state = run_sasq(tiny, cfg, windows=_np(windows), progress=False).state
     state.save(tmp_path)
     fresh = tiny_random_llama()
@@ -158,7 +158,7 @@ def test_smoothed_export_matches_torch_on_onnx_runtime(tiny, windows, tmp_path):
     from runtime.perplexity import iter_logits as onnx_logits
     from sasq_edge.evaluate import iter_logits
 
-    cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=3, lr=0.05, smooth_alpha=0.7, smooth_learn=True,
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=3, lr=0.05, smooth_alpha=0.7, smooth_learn=True,
                       profile=HOST_PROFILE)
     state = run_sasq(tiny, cfg, windows=_np(windows), progress=False).state
     res = export_onnx(tiny.model, tmp_path / "model.onnx", state=state, tokenizer=tiny.tokenizer)
@@ -174,7 +174,7 @@ def test_smoothed_export_matches_torch_on_onnx_runtime(tiny, windows, tmp_path):
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "fp16"])
 def test_every_baseline_builds_and_leaves_the_float_model_alone(tiny, windows, method):
     base = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
-    model, info = build_method(tiny.model, method, QuantConfig(seq_len=64, calib_batches=2), _np(windows[:2]),
+    model, info = build_method(tiny.model, method, QuantConfig.plain(seq_len=64, calib_batches=2), _np(windows[:2]),
                                _np(windows[4:]))
     ppl = perplexity(model, _np(windows[2:4]), progress=False).ppl
     assert math.isfinite(ppl) and info["method"] == method
@@ -189,21 +189,21 @@ def test_fp16_follows_the_hardware(tiny, windows, monkeypatch):
 
     monkeypatch.setattr(b, "cpu_features", lambda: ("x86_64", frozenset({"avx2"})))
     with pytest.raises(ConfigError, match="no native FP16"):
-        build_method(tiny.model, "fp16", QuantConfig(seq_len=64), _np(windows[:2]))
+        build_method(tiny.model, "fp16", QuantConfig.plain(seq_len=64), _np(windows[:2]))
     monkeypatch.setattr(b, "cpu_features", lambda: ("x86_64", frozenset({"avx512_fp16"})))
-    model, info = build_method(tiny.model, "fp16", QuantConfig(seq_len=64), _np(windows[:2]))
+    model, info = build_method(tiny.model, "fp16", QuantConfig.plain(seq_len=64), _np(windows[:2]))
     assert next(model.parameters()).dtype == torch.float16 and "AVX512-FP16" in info["fp16_on"]
 
 
 def test_alpha_search_returns_the_lowest_validation_ppl(tiny, windows):
-    alpha, tried = search_smooth_alpha(tiny.model, QuantConfig(seq_len=64, calib_batches=2), _np(windows[:2]),
+    alpha, tried = search_smooth_alpha(tiny.model, QuantConfig.plain(seq_len=64, calib_batches=2), _np(windows[:2]),
                                        _np(windows[4:]), alphas=(0.3, 0.6, 0.9))
     assert set(tried) == {0.3, 0.6, 0.9} and tried[alpha] == min(tried.values())
     assert not any(isinstance(m, QuantLinear) for m in tiny.model.modules())  # the search worked on copies
 
 
 def test_dynamic_per_token_matches_a_float64_reference(tiny, windows):
-    model, _ = build_method(tiny.model, "dynamic", QuantConfig(seq_len=64), _np(windows[:1]))
+    model, _ = build_method(tiny.model, "dynamic", QuantConfig.plain(seq_len=64), _np(windows[:1]))
     lin = model.get_submodule("model.layers.0.mlp.down_proj")
     x = torch.randn(2, 5, lin.in_features, generator=torch.Generator().manual_seed(0)) * 3
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_dynamic_per_token_matches_a_float64_reference(tiny, windows):
 
 
 def test_dynamic_has_nothing_to_train(tiny, windows):
-    model, _ = build_method(tiny.model, "dynamic", QuantConfig(seq_len=64), _np(windows[:1]))
+    model, _ = build_method(tiny.model, "dynamic", QuantConfig.plain(seq_len=64), _np(windows[:1]))
     assert scale_parameters(model) == []
 
 
@@ -227,7 +227,7 @@ def test_dynamic_has_nothing_to_train(tiny, windows):
 ])
 def test_config_rejects_bad_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        QuantConfig(**kwargs)
+        QuantConfig.plain(**kwargs)
 
 
 # --- training options --------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_cosine_schedule():
 
 
 def test_full_qat_trains_every_weight_sasq_none(tiny, windows):
-    cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=2, lr=0.05)
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=2, lr=0.05)
     qat = tiny_random_llama()
     quantize_ptq(qat.model, cfg, _np(windows[:2]))
     before = {n: p.detach().clone() for n, p in qat.model.named_parameters()}
@@ -270,7 +270,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_runs_on_the_model_device(tiny, windows, device):
     """CPU windows go to the model's device; every scale moves; GPU memory is reported on a GPU."""
-    cfg = QuantConfig(seq_len=64, calib_batches=2, train_steps=2, lr=0.05)
+    cfg = QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=2, lr=0.05)
     tiny.model.to(device)
     quantize_ptq(tiny.model, cfg, _np(windows[:2]))
     seen = []

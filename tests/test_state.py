@@ -134,4 +134,4 @@ def test_recipe_records_the_deploy_grid(state):
                            "act": {"qmin": -128, "qmax": 127, "zero_point": 0, "dtype": "int8"},
                            "weight": {"qmin": -127, "qmax": 127, "zero_point": 0, "dtype": "int8"},
                            "rotation": {}}
-    assert r["method"] == QuantConfig(seq_len=64, calib_batches=2, train_steps=3, lr=0.05).to_dict()
+    assert r["method"] == QuantConfig.plain(seq_len=64, calib_batches=2, train_steps=3, lr=0.05).to_dict()

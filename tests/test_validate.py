@@ -39,7 +39,7 @@ def _export(profile: str, graph: str, out: Path) -> Path:
     """Calibrate (2 windows), train 2 steps (every layer gets its own scale) and export, the down
     projections' input rotated as the default recipe does (runtime.rotation)."""
     lm = tiny_random_llama()
-    cfg = QuantConfig(profile=profile, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, rotate_block=64)
+    cfg = QuantConfig.plain(profile=profile, seq_len=64, calib_batches=2, train_steps=2, lr=0.05, rotate_block=64)
     prepare(lm.model, cfg)
     calibrate(lm.model, [WINDOWS[:1], WINDOWS[1:2]], cfg)
     train_scales(lm.model, WINDOWS, cfg, progress=False)
