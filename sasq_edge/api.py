@@ -21,6 +21,7 @@ from pathlib import Path
 from runtime.errors import RuntimeSetupError
 from runtime.parity import Thresholds
 from runtime.sources import DEFAULT_CALIBRATION_SPEC, DEFAULT_SPEC, parse_data_spec
+from sasq_edge.config import DTYPES
 
 
 def _stderr(line: str) -> None:
@@ -31,30 +32,38 @@ def _stderr(line: str) -> None:
 class Quantized:
     """What ``quantize`` returns: the trained ``state``; the model it was trained on, in memory with
     the state applied (``model``, a ``LoadedModel``), or the checkpoint folder that was read one
-    decoder layer at a time (``folder``); and the plan line that said which and why."""
+    decoder layer at a time (``folder``); the plan line that said which and why; the training report."""
 
     state: object  # runtime.state.ScaleState
     model: object | None = None
     folder: Path | None = None
     plan: str | None = None
+    report: object | None = None  # sasq_edge.train.TrainReport of the end-to-end steps (whole model only)
 
 
 def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, data_dir: str | None = None,
-             layerwise: bool = False, trust_remote_code: bool = False, device: str = "cpu", memory_check: bool = True,
-             whole_export: bool = False, progress: bool = True, on_line: Callable[[str], None] = _stderr,
-             command: str = "sasq", model_config=None) -> Quantized:
+             layerwise: bool = False, trust_remote_code: bool = False, device="cpu", memory_check: bool = True,
+             whole_export: bool = False, for_export: bool = True, dtype: str = "fp32",
+             gradient_checkpointing: bool = False, group=None, progress: bool = True,
+             on_line: Callable[[str], None] = _stderr, command: str = "sasq", model_config=None) -> Quantized:
     """Calibrate and train the activation scales of ``model`` (a hub id, a local folder, a ``.gguf``
     file, ``tiny-random-llama``) as ``config`` says (a ``QuantConfig``; default: the ``default``
     recipe on the profile this CPU runs exactly) on ``data``. Block-wise configs plan from a
     memory estimate whether the whole model loads or one layer at a time is read (``layerwise``
     forces the latter); ``whole_export``: the export that follows needs the whole model (the traced
-    graph; the config's own needs are added: TensorRT, an INT8 head or embedding, a RoPE the fused
-    graph cannot express). Says what it does through ``on_line`` (the plan line prefixed with
-    ``command``); ``model_config``: the model's transformers config, where the caller has read it."""
+    graph); ``for_export`` adds the config's own needs (TensorRT, an INT8 head or embedding, a RoPE
+    the fused graph cannot express; ``sasq-train`` leaves them to its later export). End to end
+    (``blockwise=False``): the estimated peak memory is checked before the model loads (``dtype``
+    ``fp32`` or ``bf16`` frozen weights, ``gradient_checkpointing``), and ``group`` (a
+    ``sasq_edge.distributed.Group``) trains data parallel, every rank calling this. Says what it
+    does through ``on_line`` (rank 0 only; the plan line prefixed with ``command``);
+    ``model_config``: the model's transformers config, where the caller has read it."""
     import torch
 
     from runtime.sources import record_summary
     from sasq_edge.config import QuantConfig
+    from sasq_edge.distributed import SINGLE
+    from sasq_edge.errors import ConfigError
     from sasq_edge.layerwise import run_layerwise, should_go_layerwise
     from sasq_edge.models import load_config, load_model
     from sasq_edge.pipeline import run_sasq
@@ -62,42 +71,74 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
 
     parse_data_spec(data)  # a bad spec fails before the model loads
     cfg = config if config is not None else QuantConfig()
+    group = group or SINGLE
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    say = on_line if group.is_main else (lambda _line: None)
     line = None
     if cfg.blockwise:
+        if group.world > 1:
+            raise ConfigError(f"block-wise training runs in one process: start {command} without accelerate launch "
+                              "/ torchrun, or train end to end on many processes (--no-blockwise)")
         from runtime.families import fused_refusal
 
         model_config = model_config or load_config(model, trust_remote_code=trust_remote_code)
         # only the fused graph can be written from a model read layer by layer: TensorRT's profile,
         # an INT8 head or embedding, or a config the fused graph cannot express need the whole model
-        whole_export = (whole_export or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head
-                        or fused_refusal(model_config) is not None)
+        if for_export:
+            whole_export = (whole_export or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head
+                            or fused_refusal(model_config) is not None)
         chosen = blockwise_plan(model, cfg, forced_layerwise=layerwise, trust_remote_code=trust_remote_code,
                                 check=memory_check, whole_export=whole_export, config=model_config)
         cfg, folder, line = chosen.config, chosen.layerwise, chosen.line
-        on_line(f"{command}: {line}")
+        say(f"{command}: {line}")
     else:
-        folder = should_go_layerwise(model, layerwise, trust_remote_code, cfg.train_steps > 0)
+        # bf16 training holds half the float32 model: the memory check below decides whether it fits
+        bf16_training = dtype == "bf16" and cfg.train_steps > 0 and not layerwise
+        folder = None if bf16_training else should_go_layerwise(model, layerwise, trust_remote_code, cfg.train_steps > 0)
     on_block = block_progress(quiet=not progress)
     if folder is not None:  # bigger than memory: one decoder layer at a time
-        on_line(f"{command}: reading {folder} one decoder layer at a time")
+        if group.world > 1:
+            raise ConfigError(f"layer-by-layer calibration runs in one process: start {command} without accelerate "
+                              "launch / torchrun")
+        say(f"{command}: reading {folder} one decoder layer at a time")
         state = run_layerwise(folder, cfg, data_dir, data, trust_remote_code=trust_remote_code, progress=progress,
                               on_block=on_block, source=model_source(model, folder))
         if alpha_summary(state):
-            on_line(alpha_summary(state))
+            say(alpha_summary(state))
         return Quantized(state, None, folder, line)
-    lm = load_model(model, trust_remote_code=trust_remote_code)
-    lm.model.to(torch.device(device))
+    device = torch.device(device)
+    if not cfg.blockwise and memory_check:
+        _check_memory(model, cfg, device, dtype, gradient_checkpointing, trust_remote_code)
+    group.barrier()  # every process checked the memory before any loads its model
+    lm = load_model(model, trust_remote_code=trust_remote_code, dtype=getattr(torch, DTYPES[dtype]))
+    lm.model.to(device)
     try:
-        result = run_sasq(lm, cfg, data_dir, data=data, progress=progress, on_block=on_block)
+        result = run_sasq(lm, cfg, data_dir, data=data, group=group, gradient_checkpointing=gradient_checkpointing,
+                          progress=progress, on_block=on_block)
     finally:
         lm.model.to("cpu")
-    on_line(record_summary(result.state.training["data"]))
+    say(record_summary(result.state.training["data"]))
     if alpha_summary(result.state):
-        on_line(alpha_summary(result.state))
+        say(alpha_summary(result.state))
     if result.alpha_search is not None:
         alpha = result.state.method["smooth_alpha"]
-        on_line(f"smooth alpha auto -> {alpha} (validation PPL {result.alpha_search[alpha]:.3f})")
-    return Quantized(result.state, lm, None, line)
+        say(f"smooth alpha auto -> {alpha} (validation PPL {result.alpha_search[alpha]:.3f})")
+    return Quantized(result.state, lm, None, line, result.report)
+
+
+def _check_memory(model: str, cfg, device, dtype: str, gradient_checkpointing: bool, trust_remote_code: bool) -> None:
+    """Refuse, before the model loads, an end-to-end run whose estimated peak memory exceeds what
+    this machine (and GPU) has free, every process of an ``accelerate launch`` on it counted."""
+    from sasq_edge import memory
+    from sasq_edge.distributed import local_processes
+    from sasq_edge.models import load_config
+
+    config = load_config(model, trust_remote_code=trust_remote_code)
+    est = memory.estimate(config, cfg, dtype=DTYPES[dtype], gradient_checkpointing=gradient_checkpointing,
+                          device=device.type)
+    memory.check(est, cfg, dtype=DTYPES[dtype], gradient_checkpointing=gradient_checkpointing,
+                 processes=local_processes(), host_free=memory.host_available(), device_free=memory.device_available(device))
 
 
 def export(model, out: str | os.PathLike, *, state=None, graph: str = "auto", kv_cache: bool = True,

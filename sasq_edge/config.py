@@ -20,6 +20,7 @@ TRUNCATIONS = ("clip", "tanh")
 LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("ce", "kd")  # next-token cross-entropy; distillation from the float model (sasq_edge.train)
 AUTO_ALPHA = "auto"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # the frozen float weights' dtype while training (--dtype)
 
 
 @dataclass(frozen=True)

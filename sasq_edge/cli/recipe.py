@@ -9,7 +9,7 @@ import sys
 from runtime.errors import ConfigError
 from runtime.profiles import AUTO, PROFILES, resolve_profile
 from sasq_edge.cli.common import float_in, int_at_least
-from sasq_edge.config import AUTO_ALPHA, CALIBRATIONS, LR_SCHEDULES, OBJECTIVES, RECIPES, TRUNCATIONS, QuantConfig
+from sasq_edge.config import AUTO_ALPHA, CALIBRATIONS, DTYPES, LR_SCHEDULES, OBJECTIVES, RECIPES, TRUNCATIONS, QuantConfig
 
 
 def add_train_args(p: argparse.ArgumentParser, train: bool = True) -> None:
@@ -61,7 +61,6 @@ def add_train_args(p: argparse.ArgumentParser, train: bool = True) -> None:
                    help=f"windows the block-wise pass captures and trains on (default {d.block_windows})")
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def add_scaleout_args(p: argparse.ArgumentParser) -> None:
@@ -76,29 +75,6 @@ def add_scaleout_args(p: argparse.ArgumentParser) -> None:
                         "scales, less memory, about a third more time)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="train even where the estimated peak memory exceeds the memory free (docs/SCALING.md)")
-
-
-def torch_dtype(args: argparse.Namespace):
-    """``--dtype`` as a torch dtype."""
-    import torch
-
-    return getattr(torch, DTYPES[args.dtype])
-
-
-def check_memory(args: argparse.Namespace, cfg: QuantConfig, device) -> None:
-    """Refuse, before the model loads, a run whose estimated peak memory exceeds what this
-    machine (and GPU) has free, every process of an ``accelerate launch`` on it counted."""
-    if args.no_memory_check:
-        return
-    from sasq_edge import memory
-    from sasq_edge.distributed import local_processes
-    from sasq_edge.models import load_config
-
-    config = load_config(args.model, trust_remote_code=args.trust_remote_code)
-    est = memory.estimate(config, cfg, dtype=DTYPES[args.dtype], gradient_checkpointing=args.gradient_checkpointing,
-                          device=device.type)
-    memory.check(est, cfg, dtype=DTYPES[args.dtype], gradient_checkpointing=args.gradient_checkpointing,
-                 processes=local_processes(), host_free=memory.host_available(), device_free=memory.device_available(device))
 
 
 def profile(args: argparse.Namespace) -> str:
@@ -160,48 +136,3 @@ def device(args: argparse.Namespace):
         raise ConfigError(f"{dev} asked for, torch sees {torch.cuda.device_count()} GPU(s): launch at most that many "
                           "processes per machine")
     return dev
-
-
-def plan(args: argparse.Namespace, cfg: QuantConfig, command: str, whole_export: bool = False, config=None):
-    """The block-wise plan of ``cfg`` for ``--model`` (``sasq_edge.plan``), its line said on stderr.
-    ``whole_export``: the export that follows needs the whole model (the traced graph)."""
-    from sasq_edge.plan import blockwise_plan
-
-    chosen = blockwise_plan(args.model, cfg, forced_layerwise=getattr(args, "layerwise", False),
-                            trust_remote_code=args.trust_remote_code, check=not getattr(args, "no_memory_check", False),
-                            whole_export=whole_export, config=config)
-    print(f"{command}: {chosen.line}", file=sys.stderr, flush=True)
-    return chosen
-
-
-def run(lm, args: argparse.Namespace, cfg: QuantConfig, group=None):
-    """``run_sasq`` on ``--device`` with ``--data`` (the model comes back to the CPU for export),
-    on every rank of ``group`` (``sasq_edge.distributed``; one process when None), with
-    ``--gradient-checkpointing`` where the command has it; rank 0 says what text it read and the
-    alpha ``--smooth-alpha auto`` picked."""
-    from runtime.sources import record_summary
-    from sasq_edge.distributed import SINGLE
-    from sasq_edge.pipeline import run_sasq
-
-    group = group or SINGLE
-    lm.model.to(device(args))
-    try:
-        from sasq_edge.plan import block_progress
-
-        result = run_sasq(lm, cfg, args.data_dir, data=args.data, group=group,
-                          gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
-                          on_block=block_progress(quiet=getattr(args, "json", False)))
-    finally:
-        lm.model.to("cpu")
-    if not group.is_main:
-        return result
-    print(record_summary(result.state.training["data"]), file=sys.stderr, flush=True)
-    from sasq_edge.plan import alpha_summary
-
-    line = alpha_summary(result.state)
-    if line:
-        print(line, file=sys.stderr, flush=True)
-    if result.alpha_search is not None:
-        alpha = result.state.method["smooth_alpha"]
-        print(f"smooth alpha auto -> {alpha} (validation PPL {result.alpha_search[alpha]:.3f})", file=sys.stderr, flush=True)
-    return result

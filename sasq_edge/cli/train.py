@@ -28,10 +28,9 @@ def _train(argv: list[str] | None) -> int:
     from runtime.io import OutputFolder, preflight
     from runtime.sources import record_text
     from runtime.state import RECIPE_FILE, SCALES_FILE
+    from sasq_edge.api import quantize
     from sasq_edge.distributed import init_from_env, shutdown
     from sasq_edge.errors import ConfigError
-    from sasq_edge.layerwise import run_layerwise, should_go_layerwise
-    from sasq_edge.models import load_model
 
     cfg = recipe.config(args)
     data_spec(args.data)  # a bad spec fails before the model loads
@@ -48,40 +47,11 @@ def _train(argv: list[str] | None) -> int:
             preflight(unit.folder)
         # a second run on the same folder fails now, not after training; only rank 0 writes
         with unit.lock() if group.is_main else contextlib.nullcontext():
-            # bf16 training holds half the float32 model: the memory check below decides whether it fits
-            if cfg.blockwise:
-                if group.world > 1:
-                    raise ConfigError("block-wise training runs in one process: start sasq-train without accelerate launch "
-                                      "/ torchrun, or train end to end on many processes (--no-blockwise)")
-                chosen = recipe.plan(args, cfg, "sasq-train")
-                cfg, folder = chosen.config, chosen.layerwise
-            else:
-                bf16_training = args.dtype == "bf16" and cfg.train_steps > 0 and not args.layerwise
-                folder = None if bf16_training else should_go_layerwise(args.model, args.layerwise, args.trust_remote_code,
-                                                                        cfg.train_steps > 0)
-            if folder is not None:  # bigger than memory: one decoder layer at a time
-                if group.world > 1:
-                    raise ConfigError("layer-by-layer calibration runs in one process: start sasq-train without "
-                                      "accelerate launch / torchrun")
-                from sasq_edge.plan import alpha_summary, block_progress, model_source
-
-                state = run_layerwise(folder, cfg, args.data_dir, args.data, trust_remote_code=args.trust_remote_code,
-                                      progress=not args.json, on_block=block_progress(quiet=args.json),
-                                      source=model_source(args.model, folder))
-                if alpha_summary(state):
-                    print(alpha_summary(state), file=sys.stderr, flush=True)
-                state.save(args.run_dir)
-                how = "trained block by block" if cfg.blockwise else "calibrated"
-                emit(args, f"{how} {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
-                           f"windows of {state.training['seq_len']} tokens, profile {state.profile}) -> {args.run_dir}",
-                     {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **state.training})
-                return 0
-            if not cfg.blockwise:
-                recipe.check_memory(args, cfg, device)
-            group.barrier()  # every process checked the memory before any loads its model
-            lm = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=recipe.torch_dtype(args))
-            result = recipe.run(lm, args, cfg, group)
-            state, report = result.state, result.report
+            q = quantize(args.model, cfg, data=args.data, data_dir=args.data_dir, layerwise=args.layerwise,
+                         trust_remote_code=args.trust_remote_code, device=device, memory_check=not args.no_memory_check,
+                         for_export=False, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                         group=group, progress=not args.json, command="sasq-train")
+            state, report = q.state, q.report
             if group.is_main:
                 state.save(args.run_dir)
         # every rank leaves together, after rank 0 saved: CI once saw rank 0 abort (std::terminate) between
@@ -90,6 +60,12 @@ def _train(argv: list[str] | None) -> int:
     finally:
         shutdown(group)
     if not group.is_main:
+        return 0
+    if q.folder is not None:  # read one decoder layer at a time: no end-to-end steps
+        how = "trained block by block" if cfg.blockwise else "calibrated"
+        emit(args, f"{how} {len(state.scales)} activation scales layer by layer ({state.training['calib_windows']} "
+                   f"windows of {state.training['seq_len']} tokens, profile {state.profile}) -> {args.run_dir}",
+             {"run_dir": str(args.run_dir), "profile": state.profile, "modules": len(state.scales), **state.training})
         return 0
     factors = sum(v.size for v in state.smooth.values())
     what = f"{len(state.scales)} activation scales"
