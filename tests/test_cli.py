@@ -81,11 +81,13 @@ def test_ppl_and_validate(exported, data_dir, capsys):
     assert ppl_main([str(exported), "--data-dir", str(data_dir), "--seq-len", "64", "--max-windows", "3", "--json"]) == 0
     res = _json_tail(capsys)
     assert res["windows"] == 3 and res["seq_len"] == 64 and res["tokens"] == 3 * 63
+    # a sanity bound: this near-uniform model over 257 byte tokens gives a ppl near 257
     assert res["provider"] == "CPUExecutionProvider" and 1 < res["ppl"] < 1e4
     code = validate_main([str(exported), "--data-dir", str(data_dir), "--seq-len", "64", "--max-windows", "3", "--json"])
     rep = _json_tail(capsys)
     assert code == 0 and rep["passed"] is True
-    assert rep["ppl_onnx"] == pytest.approx(res["ppl"], rel=1e-9)
+    assert rep["ppl_onnx"] == pytest.approx(res["ppl"], rel=1e-9)  # same windows, graph and float64 nll sums: float64 rounding
+    # float32 noise, or a rounding-tie flip (4.4e-5 measured in tests/test_deploy_options.py), on a near-uniform model
     assert rep["rel_diff"] < 1e-4 and rep["top1_agreement"] == 1.0
     for r in (res, rep):  # the default evaluation text, recorded; the byte tokenizer adds no BOS
         assert r["bos"] is False and r["data"]["sources"][0]["read"] == "wikitext2 test" and r["data"]["windows"] == 3

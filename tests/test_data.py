@@ -320,6 +320,7 @@ def test_self_generation_with_bos_and_top_k(cache):
     lm = LoadedModel(_tiny_model(vocab=300), _bos_tokenizer(), "bos-tiny")
     got = method_windows(lm, "self:6:top_k=3", 16, CALIBRATION, progress=False, log=lambda _: None)
     assert got.bos == 257 and (got.windows[:, 0] == 257).all()
+    # ids 0-255 are bytes, 256 EOS, 257 BOS: the tokenizer's 258 ids, of the embedding's 300 rows
     assert (got.windows[:, 1] < 256).all() and (got.windows[:, 1:] < 258).all()
 
 

@@ -57,13 +57,13 @@ def test_smoothing_keeps_logits_and_tames_the_massive_activations(lm, valid):
     assert min(before.values()) > 1000  # the known outliers (3384 and 2377 on test text)
     smooth_model(model, [torch.from_numpy(w)[None] for w in valid[1:5]], alpha=0.9)
     after = _input_absmax(model, MASSIVE, ids)
-    assert max(after.values()) < 10
+    assert max(after.values()) < 10  # alpha 0.9 leaves (max|x_j| max|W_j|)^0.1 on the calibration text: a few units
     with torch.no_grad():
         ref = lm.model(input_ids=ids).logits
         got = model(input_ids=ids).logits
     # the same float function up to float32 rounding through 30 layers (measured: 8.2e-5 of 41.5)
     assert (got - ref).abs().max().item() < 1e-3
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.99
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.99  # a flip needs a top-2 gap under 2e-3: rare
 
 
 def test_committed_best_state_beats_the_static_baselines(lm, valid):

@@ -54,7 +54,7 @@ def test_smoothing_keeps_the_float_function_in_float64(tiny, windows):
     assert len(changed) == tiny.model.config.num_hidden_layers * (2 + LINEARS_PER_BLOCK)
     with torch.no_grad():
         diff = (model(input_ids=windows).logits - ref(input_ids=windows).logits).abs().max().item()
-    assert diff < 1e-10
+    assert diff < 1e-10  # float64 on both sides: an identity up to float64 rounding (measured 0.0 on this model)
     n_kv, head_dim = tiny.model.config.num_key_value_heads, tiny.model.config.hidden_size // tiny.model.config.num_attention_heads
     assert factors["model.layers.0.self_attn.v_proj"].shape == (n_kv * head_dim,)  # one factor per shared KV channel
 
@@ -75,7 +75,8 @@ def test_alpha_one_makes_every_channel_range_one(tiny, windows):
     for h in hooks:
         h.remove()
     for k in ("q", "down"):
-        assert torch.allclose(seen[k], torch.ones_like(seen[k]), atol=1e-9), k
+        # the factors fold as float32: 1 within a few float32 ulps (measured 5.5e-8)
+        assert torch.allclose(seen[k], torch.ones_like(seen[k]), rtol=1e-6, atol=0), k
 
 
 def test_smoothing_a_prepared_model_is_refused(tiny, config, windows):
@@ -132,10 +133,11 @@ def test_learned_smoothing_trains_factors_only_and_folds(tiny, windows):
             assert torch.equal(p, frozen[n]), n
     before_fold = perplexity(tiny.model, _np(windows[:2]), progress=False).ppl
     total = fold_learnable(tiny.model, start, originals)
+    # allclose's default rtol 1e-5, against Adam's steps of about lr = 0.05 in log space
     assert any(not torch.allclose(total[k], start[k]) for k in start)  # training moved the factors
     assert all(m.log_smooth is None for _, m in quant_linears(tiny.model))
     after_fold = perplexity(tiny.model, _np(windows[:2]), progress=False).ppl
-    assert after_fold == pytest.approx(before_fold, rel=1e-3)
+    assert after_fold == pytest.approx(before_fold, rel=1e-3)  # folding re-rounds weights in float32 only: loose, not measured
 
 
 def test_learned_smoothing_state_reproduces_the_trained_model(tiny, windows, tmp_path):
@@ -165,7 +167,9 @@ def test_smoothed_export_matches_torch_on_onnx_runtime(tiny, windows, tmp_path):
     test = _np(windows[:3])
     report = compare(test, iter_logits(tiny.model, test), onnx_logits(open_session(res.onnx, ["cpu"], 1), test)).report()
     assert report.top1_agreement == 1.0
-    assert report.rel_diff < 1e-5
+    # float32 noise is 1e-9 in a like run (tests/test_deploy_options.py), a rounding-tie flip moved it 4.4e-5 there;
+    # the same bound as there, 1e-3, leaves room for the flip on another CPU's kernels
+    assert report.rel_diff < 1e-3
 
 
 # --- baselines ---------------------------------------------------------------------------------
@@ -211,6 +215,7 @@ def test_dynamic_per_token_matches_a_float64_reference(tiny, windows):
     xd = x.double()
     s = xd.abs().amax(dim=-1, keepdim=True) / 127
     ref = torch.nn.functional.linear(torch.clamp(torch.round(xd / s), -128, 127) * s, lin.weight_dq.double())
+    # exact integer sums; only the float32 scales and weight_dq round (~2^-24 each): measured 8.3e-8
     assert (y - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
@@ -235,8 +240,8 @@ def test_config_rejects_bad_options(kwargs, match):
 
 def test_cosine_schedule():
     assert lr_factor("cosine", 0, 100) == 1.0
-    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
-    assert lr_factor("cosine", 99, 100) < 0.001
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)  # cos(pi / 2) is 6e-17 in float64
+    assert lr_factor("cosine", 99, 100) < 0.001  # 0.5 * (1 + cos(0.99 pi)) = 2.5e-4
     assert lr_factor("constant", 99, 100) == 1.0
 
 

@@ -73,8 +73,10 @@ def test_correct_export_passes_every_check(exports, data_dir, capsys, graph):
     # the block boundaries are found in both graph kinds; with the linears forced, float noise only
     blocks = rep["blocks"]
     assert blocks["mapped"] and [s["name"] for s in blocks["stages"]] == ["embedding", "layer 0", "layer 1", "final norm + head"]
-    assert blocks["max_float_error"] < 1e-6
+    assert blocks["max_float_error"] < 1e-6  # float32 noise of the ops between linears, a few 2^-24; 10x under the 1e-5 bar
     assert rep["weights"]["passed"] and rep["weights"]["graph"] == rep["weights"]["state"]
+    # KL is quadratic in the logit difference: float32 noise (~1e-6) gives ~1e-12; a flip moving one position
+    # by 1e-2 adds at most ~5e-5 / 128 positions
     assert rep["kl_mean"] < 1e-6 and rep["top1_agreement"] == 1.0
     assert "stage" in text and "layer 1" in text and "final norm + head" in text  # the per-layer table
 
@@ -187,9 +189,10 @@ def test_token_kl_and_margin_by_hand():
     p = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
     q = np.log(np.array([[0.25, 0.5, 0.25], [0.1, 0.2, 0.7]]))
     kl = token_kl(p, q)
+    # float64 on both sides, ~1e-16 apart (measured 0.0): approx's default rel 1e-6 and abs=1e-15 are slack
     assert kl[0] == pytest.approx(0.5 * math.log(2) + 0.25 * math.log(0.5)) and kl[1] == pytest.approx(0.0, abs=1e-15)
     assert token_kl(p + 3.0, p).max() < 1e-12  # a shift of every logit is the same distribution
-    np.testing.assert_allclose(top2_margin(p), [math.log(2), math.log(3.5)])
+    np.testing.assert_allclose(top2_margin(p), [math.log(2), math.log(3.5)])  # float64: ~1e-16, default rtol 1e-7
 
 
 def test_confident_top1_ignores_near_ties():
@@ -201,6 +204,7 @@ def test_confident_top1_ignores_near_ties():
     acc = ParityAccumulator()
     acc.update(rng.integers(0, 10, 16), a, b)
     margin = float(a[0, order[-1]] - a[0, order[-2]])
+    # +-1e-3 puts position 0 on either side: the code takes the margin as the same float32 difference
     below = acc.report(Thresholds(top1_margin=margin + 1e-3))  # position 0 is not confident
     above = acc.report(Thresholds(top1_margin=margin - 1e-3, min_top1_confident=1.0))
     assert below.top1_agreement == 15 / 16 and below.top1_confident == 1.0
