@@ -45,8 +45,8 @@ def _forbidden(path: Path) -> tuple[str, ...]:
     rel = _rel(path)
     if rel.startswith("runtime/"):
         # the device side: no torch, no transformers, nothing above it (datasets only lazily, for
-        # WikiText, hub datasets and parquet files, in runtime/data.py and runtime/sources.py)
-        extra = () if rel in ("runtime/data.py", "runtime/sources.py") else ("datasets",)
+        # WikiText, hub datasets and parquet files, in runtime/data.py and runtime/readers.py)
+        extra = () if rel in ("runtime/data.py", "runtime/readers.py") else ("datasets",)
         return ("exporters", "sasq_edge", "torch", "transformers", "onnxscript", "gguf", *extra)
     if rel.startswith("exporters/"):
         return ("sasq_edge",)
