@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+if "PYTEST_XDIST_WORKER" in os.environ:  # one worker per core: each computes on one thread (spinning threads of
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers on the same cores slow both many times over)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from sasq_edge.config import QuantConfig
 from sasq_edge.models import LoadedModel, tiny_random_llama
