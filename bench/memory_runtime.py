@@ -19,7 +19,10 @@ generation; time to first token and decode tokens/s. The split of the default se
 - arena and activations: the rest of the peak above the opened session.
 
 Settings are interleaved (each context runs every setting before the next context), one thread
-each. Writes bench/results/memory_runtime.{json,md}.
+each. ``--external``: each export is measured a second time as a copy with every initializer of
+1 KiB or more in ``model.onnx.data`` at page-aligned offsets (how exports over 2 GB are written,
+``exporters.fused.ExternalData``), which ONNX Runtime can map instead of reading. Writes
+bench/results/memory_runtime.{json,md}.
 """
 
 from __future__ import annotations
@@ -90,22 +93,58 @@ def _weights_mb(path: Path) -> tuple[float, float]:
     return size, total / 2**20
 
 
+def external_copy(path: Path, folder: Path) -> Path:
+    """A copy of the export folder of ``path`` in ``folder`` whose initializers of 1 KiB or more
+    live in ``model.onnx.data`` at page-aligned offsets (the exporter's own writer)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from exporters.fused import ExternalData
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in path.parent.iterdir():
+        if f.is_file() and not f.name.startswith(path.name):
+            shutil.copy2(f, folder / f.name)
+    model = onnx.load(str(path))
+    out = folder / path.name
+    data = ExternalData(folder / (path.name + ".data"), path.name + ".data")
+    try:
+        for i, t in enumerate(model.graph.initializer):
+            ext = data.tensor(t.name, numpy_helper.to_array(t))
+            if ext is not None:
+                model.graph.initializer[i].CopyFrom(ext)
+    finally:
+        data.close()
+    onnx.save_model(model, str(out))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("exports", nargs="*")
     p.add_argument("--contexts", default="512,2048")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--name", default="memory_runtime", help="results file name under bench/results (default memory_runtime)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="which settings (default: all)")
+    p.add_argument("--external", action="store_true", help="also measure a copy of each export with external, page-aligned data")
     p.add_argument("--child", nargs=4, metavar=("PATH", "SETTING", "CONTEXT", "NEW"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
     rows = []
-    for export in args.exports:
-        path = Path(export)
+    exports = [Path(e) for e in args.exports]
+    if args.external:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="sasq-external-"))
+        exports += [external_copy(e, tmp / f"{e.parent.name} (external data)") for e in exports]
+    for path in exports:
         file_mb, weights_mib = _weights_mb(path)
         meta = {m.key: m.value for m in __import__("onnx").load(str(path), load_external_data=False).metadata_props}
         for context in [int(c) for c in args.contexts.split(",")]:
-            for setting in SETTINGS:
+            for setting in args.settings.split(","):
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 proc = subprocess.run([sys.executable, __file__, "--child", str(path), setting, str(context), str(args.new_tokens)],
                                       capture_output=True, text=True, env=env)
@@ -116,7 +155,10 @@ def main() -> None:
                              "weights_mib": round(weights_mib, 1), "context": context, "setting": setting, **got})
                 print(json.dumps(rows[-1]), flush=True)
     by = {(r["export"], r["context"], r["setting"]): r for r in rows}
-    lines = ["# Memory of a running export (`python bench/memory_runtime.py EXPORT ...`)", "",
+    cmd = " ".join(["python bench/memory_runtime.py", *(f"--{k} {v}" for k, v in (("name", args.name), ("settings", args.settings))
+                                                        if v != p.get_default(k)), *(["--external"] if args.external else []),
+                    "EXPORT ..."])
+    lines = [f"# Memory of a running export (`{cmd}`)", "",
              "Each row one fresh process, one thread: open the session, prefill `context - 32` tokens, decode 32 with "
              "the KV cache sized to the context. MiB of resident memory. Split of the default setting's peak: the "
              "runtime (python + onnxruntime imported), weights as stored (initializer bytes), pre-packed copies "
@@ -130,7 +172,7 @@ def main() -> None:
     lines += ["", "| export | context | peak (default) | runtime | weights as stored | pre-packed copies | KV buffer | "
                   "arena and activations | peak / file |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (export, context, setting), r in by.items():
-        if setting != "default":
+        if setting != "default" or (export, context, "no-prepack") not in by:
             continue
         nopack = by[(export, context, "no-prepack")]
         prepack = r["opened_mb"] - nopack["opened_mb"]
@@ -141,8 +183,8 @@ def main() -> None:
                      f"{(r['kv_mb'] or 0):.0f} | {rest:.0f} | {r['peak_mb'] * 2**20 / 1e6 / r['file_mb']:.2f}x |")
     out = {"bench": "memory_runtime", "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
            "new_tokens": args.new_tokens, "rows": rows}
-    (HERE / "results" / "memory_runtime.json").write_text(json.dumps(out, indent=2) + "\n")
-    (HERE / "results" / "memory_runtime.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (HERE / "results" / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

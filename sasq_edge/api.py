@@ -51,8 +51,8 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
     recipe on the profile this CPU runs exactly) on ``data``. Block-wise configs plan from a
     memory estimate whether the whole model loads or one layer at a time is read (``layerwise``
     forces the latter); ``whole_export``: the export that follows needs the whole model (the traced
-    graph); ``for_export`` adds the config's own needs (TensorRT, an INT8 head or embedding, a RoPE
-    the fused graph cannot express; ``sasq-train`` leaves them to its later export). End to end
+    graph); ``for_export`` adds the config's own needs (TensorRT, a RoPE the fused graph cannot
+    express; ``sasq-train`` leaves them to its later export). End to end
     (``blockwise=False``): the estimated peak memory is checked before the model loads (``dtype``
     ``fp32`` or ``bf16`` frozen weights, ``gradient_checkpointing``), and ``group`` (a
     ``sasq_edge.distributed.Group``) trains data parallel, every rank calling this. Says what it
@@ -83,11 +83,11 @@ def quantize(model: str, config=None, *, data: str = DEFAULT_CALIBRATION_SPEC, d
         from runtime.families import fused_refusal
 
         model_config = model_config or load_config(model, trust_remote_code=trust_remote_code)
-        # only the fused graph can be written from a model read layer by layer: TensorRT's profile,
-        # an INT8 head or embedding, or a config the fused graph cannot express need the whole model
+        # only the fused graph can be written from a model read layer by layer: TensorRT's profile
+        # or a config the fused graph cannot express need the whole model (an INT8 head or embedding
+        # do not: the fused graph writes them, bit-identical from either source)
         if for_export:
-            whole_export = (whole_export or cfg.profile == "trt" or cfg.embedding != "float" or cfg.lm_head
-                            or fused_refusal(model_config) is not None)
+            whole_export = whole_export or cfg.profile == "trt" or fused_refusal(model_config) is not None
         chosen = blockwise_plan(model, cfg, forced_layerwise=layerwise, trust_remote_code=trust_remote_code,
                                 check=memory_check, whole_export=whole_export, config=model_config)
         cfg, folder, line = chosen.config, chosen.layerwise, chosen.line

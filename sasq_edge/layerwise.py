@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -454,20 +455,59 @@ def layerwise_data(data: str | None) -> str | None:
 
 
 SAMPLER_FRACTION = 0.7  # the share of the free memory the float model may take to sample text (its KV cache and slack beside)
+# float32 weights above which the sampled text comes from INT8 dynamic linears (``int8_sampler``):
+# the float32 model would be the run's peak (6 GB of Qwen2.5-Coder-1.5B's 8.8 GB) and its slowest phase
+SAMPLER_INT8_ABOVE = 2 * 2**30
 
 
-def sampler_model(folder: Path, tokenizer, source: str, *, trust_remote_code: bool = False, free: int | None = None):
-    """The whole float32 model of ``folder`` as a ``LoadedModel``, loaded only to sample the ``self``
-    text of the calibration mix (the layer-by-layer pass then reads it one layer at a time again), or
-    None where its weights would take more than ``SAMPLER_FRACTION`` of the memory free."""
+def int8_sampler(folder: Path, *, trust_remote_code: bool = False) -> nn.Module | None:
+    """The model of ``folder`` for sampling text, built one decoder layer at a time: each layer's
+    linears become torch's dynamically quantized INT8 linears (per-channel INT8 weights, the
+    activations quantized per call) as the layer is read, so the float32 model is never whole in
+    memory; the embedding, the norms and the head stay float32 (a tied head reads the embedding).
+    None where this torch has no dynamic quantization."""
+    import warnings
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        return None
+    lw = LayerwiseModel(folder, trust_remote_code=trust_remote_code)
+    lw.stem()
+    if lw.tied():
+        lw.model.tie_weights()  # the head reads the embedding table just loaded
+    else:
+        lw.head()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        for i in range(lw.layers):
+            quantize_dynamic(lw.load(f"{lw.blocks}.{i}"), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                             inplace=True)
+    return lw.model.eval()
+
+
+def sampler_model(folder: Path, tokenizer, source: str, *, trust_remote_code: bool = False, free: int | None = None,
+                  log=None):
+    """The model of ``folder`` as a ``LoadedModel``, loaded only to sample the ``self`` text of the
+    calibration mix (the layer-by-layer pass then reads it one layer at a time again): above
+    ``SAMPLER_INT8_ABOVE`` float32 bytes the INT8 sampler (``int8_sampler``), else the whole float32
+    model; None where the float32 weights would take more than ``SAMPLER_FRACTION`` of the memory
+    free and no INT8 sampler can be built. ``log`` is told which."""
     from transformers import AutoConfig
 
     from sasq_edge import memory
     from sasq_edge.models import LoadedModel, load_model
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    free = memory.host_available() if free is None else free
     need = 4 * memory.Sizes.of(config).params
+    if need > SAMPLER_INT8_ABOVE:
+        model = int8_sampler(folder, trust_remote_code=trust_remote_code)
+        if model is not None:
+            if log is not None:
+                log(f"sampling the mix's text with INT8 dynamic linears (the float32 model would take "
+                    f"{need / 2**30:.1f} GiB), read one layer at a time")
+            return LoadedModel(model, tokenizer, source)
+    free = memory.host_available() if free is None else free
     if free is not None and need > SAMPLER_FRACTION * free:
         return None
     lm = load_model(str(folder), trust_remote_code=trust_remote_code)  # the checkpoint's checks included
@@ -497,7 +537,8 @@ def run_layerwise(folder: Path, config, data_dir=None, data=None, *, trust_remot
                           "(sasq-train --device cuda), or calibrate only (--train-steps 0)")
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     source = source or str(folder.resolve())
-    got, sampler = None, sampler_model(folder, tokenizer, source, trust_remote_code=trust_remote_code) \
+    got, sampler = None, sampler_model(folder, tokenizer, source, trust_remote_code=trust_remote_code,
+                                       log=lambda line: print(f"sasq: {line}", file=sys.stderr, flush=True)) \
         if wants_samples(data) else None
     if sampler is not None:  # the mix's sampled text, cached; the float model is let go before the pass
         if config.blockwise and data == DEFAULT_CALIBRATION_SPEC:  # the pass reads block_windows windows of it

@@ -92,6 +92,19 @@ def test_same_state_from_a_whole_model_or_layer_by_layer(folder, whole):
         assert np.array_equal(res.state.smooth[k], v), k
 
 
+def test_same_state_with_int8_head_and_embedding_read_layer_by_layer(folder):
+    """An INT8 head (its scale calibrated on the final norm of the quantized stream) and an INT8
+    embedding (the first block sees its dequantized rows) train the same, bit for bit, from a
+    model read one layer at a time: the plan need not load the whole model for them."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, lm_head=True, embedding="int8", block_steps=3)
+    ref = train_blockwise(WholeModel(tiny_random_llama().model), cfg, WINDOWS, "tiny", progress=False).state
+    res = train_blockwise(LayerwiseModel(folder), cfg, WINDOWS, "tiny", progress=False).state
+    assert "lm_head" in ref.scales and ref.embedding == "int8"
+    assert res.weights == ref.weights and res.scales == ref.scales
+
+
 def test_reconstruction_error_is_relative():
     y = torch.randn(2, 8, 4, dtype=torch.float64).float()
     assert float(relative_error(y, y)) == 0.0
