@@ -491,23 +491,27 @@ def sampler_model(folder: Path, tokenizer, source: str, *, trust_remote_code: bo
     """The model of ``folder`` as a ``LoadedModel``, loaded only to sample the ``self`` text of the
     calibration mix (the layer-by-layer pass then reads it one layer at a time again): above
     ``SAMPLER_INT8_ABOVE`` float32 bytes the INT8 sampler (``int8_sampler``), else the whole float32
-    model; None where the float32 weights would take more than ``SAMPLER_FRACTION`` of the memory
-    free and no INT8 sampler can be built. ``log`` is told which."""
+    model; None where the weights of the one it would build take more than ``SAMPLER_FRACTION`` of
+    the memory free (or this torch has no dynamic quantization and the float32 model does not fit).
+    ``log`` is told which."""
     from transformers import AutoConfig
 
     from sasq_edge import memory
     from sasq_edge.models import LoadedModel, load_model
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    need = 4 * memory.Sizes.of(config).params
+    sizes = memory.Sizes.of(config)
+    need = 4 * sizes.params
+    free = memory.host_available() if free is None else free
     if need > SAMPLER_INT8_ABOVE:
-        model = int8_sampler(folder, trust_remote_code=trust_remote_code)
+        need8 = sizes.quantized + 4 * (sizes.params - sizes.quantized)  # INT8 decoder linears, float32 embedding and head
+        model = None if free is not None and need8 > SAMPLER_FRACTION * free else \
+            int8_sampler(folder, trust_remote_code=trust_remote_code)
         if model is not None:
             if log is not None:
                 log(f"sampling the mix's text with INT8 dynamic linears (the float32 model would take "
                     f"{need / 2**30:.1f} GiB), read one layer at a time")
             return LoadedModel(model, tokenizer, source)
-    free = memory.host_available() if free is None else free
     if free is not None and need > SAMPLER_FRACTION * free:
         return None
     lm = load_model(str(folder), trust_remote_code=trust_remote_code)  # the checkpoint's checks included
