@@ -125,7 +125,11 @@ def report_stage(args) -> None:
         base = {d: rows.get("default", {}).get("ppl", {}).get(d, {}).get("ppl") for d in DOMAINS}
         head = " | ".join(DOMAINS)
         mem_cols = " | ".join(f"peak MiB @{c} (x file) | TTFT ms @{c} | decode tok/s @{c}" for c in CONTEXTS)
-        lines += [f"## {res['model']}", "", f"| row | flags | file MB | {head} | cost vs default | {mem_cols} |",
+        m = res.get("machine", {})
+        cpu = "AVX512-VNNI (profile cpu-vnni)" if m.get("avx512_vnni") else "no VNNI"
+        lines += [f"## {res['model']}", "", f"{m.get('cores')} cores, {cpu}, "
+                  f"onnxruntime {m.get('onnxruntime')}; the default row's export ran while the test suite shared the cores "
+                  "(its wall time only).", "", f"| row | flags | file MB | {head} | cost vs default | {mem_cols} |",
                   "| --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " | --- | "
                   + " | ".join("--- | --- | ---" for _ in CONTEXTS) + " |"]
         for row, got in rows.items():

@@ -324,11 +324,15 @@ def export_onnx(
         props = {**deploy_metadata(state.deploy, __version__), META_GRAPH: kind}
     data_name = out_path.name + ".data"
     with output_folder(out_path, overwrite=overwrite, need=_need_bytes(model, state, kind, proto)) as stage:
-        streamed = False
+        streamed = big = False
         if kind == "fused":
-            streamed = _fused_bytes(model) > EXTERNAL_DATA_THRESHOLD
+            # the weights always go to page-aligned external data, streamed as they are made: ONNX
+            # Runtime maps the file instead of reading it into memory, so the copies it pre-packs
+            # are the only resident ones (SmolLM2's export: peak RSS 596 against 724 MiB inline at
+            # 512 tokens of context, the same decode speed; bench/results/memory_external.md)
+            streamed, big = True, _fused_bytes(model) > EXTERNAL_DATA_THRESHOLD
             stages.start("writing the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, INT8 Q/DQ linears)"
-                         + (f", weights streamed to {data_name}" if streamed else ""))
+                         + f", weights streamed to {data_name}")
             external = ExternalData(stage / data_name, data_name) if streamed else None
             try:
                 proto, digest = fused_proto(model, state, external)
@@ -338,7 +342,8 @@ def export_onnx(
             check_weights(state, digest)
             proto = set_metadata(proto, {META_WEIGHTS: digest})
             stages.done("wrote the graph")
-        external = streamed or _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        big = big or _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        external = streamed or big
         stages.start(f"writing the folder's files into {stage.name}")
         model.config.to_json_file(str(stage / CONFIG_FILE))
         generation_config = getattr(model, "generation_config", None)
@@ -363,9 +368,9 @@ def export_onnx(
         else:  # inline, or already streamed: the proto holds references only
             onnx.save_model(proto, str(staged))
         stages.done("saved")
-        stages.start("checking the file (onnx.checker" + ("" if external else ", shape inference") + ")")
+        stages.start("checking the file (onnx.checker" + ("" if big else ", shape inference") + ")")
         onnx.checker.check_model(str(staged))  # by path: works for external data too
-        if not external:  # shape inference keeps a second copy of the graph in memory: small models only
+        if not big:  # shape inference keeps a second copy of the graph in memory: small models only
             onnx.shape_inference.infer_shapes_path(str(staged), str(stage / ".shapes.onnx"))
             os.remove(stage / ".shapes.onnx")
         stages.done("checked")
