@@ -6,7 +6,7 @@ Qwen2.5-Coder-0.5B / -1.5B-Instruct (Q4_K_M-dequantized) on this CPU.
     python bench/blockwise.py float-torch qwen1.5b # the float reference in PyTorch where the float export does not fit
     python bench/blockwise.py report               # bench/results/blockwise.{json,md}
     python bench/blockwise.py project qwen1.5b     # the first blocks of the pass, the rest projected (also: 7b)
-    python bench/blockwise.py sampler qwen1.5b     # the default mix's sampled text: float32 model against the INT8 sampler
+    python bench/blockwise.py sampler qwen1.5b     # the default mix's sampled text: float32 model against the bf16 sampler
 
 Rows, each the command a user types (``SASQ_DATA_DIR`` set to the offline WikiText-2 folder):
 
@@ -270,31 +270,41 @@ def project_child(args) -> None:
 
 def sampler_stage(args) -> None:
     """What sampling the default mix's text costs (the 8 sequences of 512 tokens the layer-by-layer
-    pass reads, seed 0), each kind in a fresh child process (its own peak RSS): ``int8``, the
-    sampler the command builds above ``SAMPLER_INT8_ABOVE`` (read one layer at a time, INT8 dynamic
-    linears), and ``float``, the whole float32 model it loaded before. The float child then scores
-    both sample sets with the float model (perplexity per token): text the INT8 sampler writes
-    should look to the float model like its own."""
+    pass reads, seed 0), each kind in a fresh child process (its own peak RSS): ``float``, the whole
+    float32 model, and ``bf16``, the sampler the command builds above ``SAMPLER_BF16_ABOVE`` on a
+    CPU with native bf16 (read one layer at a time, cast to bf16). A last child loads the float
+    model and scores every sample set (perplexity per token): text a cheaper sampler writes should
+    look to the float model like its own. ``--kinds`` picks which to (re)sample; the others keep
+    their recorded results and samples."""
     from sasq_edge.gguf import materialize
 
     model = MODELS[args.model][0]
     folder = materialize(model) if model.endswith(".gguf") else Path(model)
-    res = {"model": MODELS[args.model][1], "machine": machine(), "kinds": {}}
-    for kind in ("int8", "float"):
-        argv = [sys.executable, str(Path(__file__).resolve()), "sampler-child", str(folder), kind, str(WORK / "sampler")]
+    path = OUT / f"sampler_{args.model}.json"
+    res = _load(path) or {"model": MODELS[args.model][1], "machine": machine(), "kinds": {}}
+    work = WORK / "sampler"
+    for kind in args.kinds.split(","):
+        argv = [sys.executable, str(Path(__file__).resolve()), "sampler-child", str(folder), kind, str(work)]
         got = run_command(argv, WORK / f"sampler_{args.model}_{kind}.log")
         if got["exit"] != 0:
             raise SystemExit(f"the {kind} child failed: {got['last_line']}")
         res["kinds"][kind] = {**json.loads(got["last_line"]), "peak_rss_mb": got["peak_rss_mb"], "wall_s": got["wall_s"]}
         print(kind, res["kinds"][kind], flush=True)
-    i8, fl = res["kinds"]["int8"], res["kinds"]["float"]
-    res["summary"] = (f"{res['model']}: sampling 8 x 512 tokens of the default mix, whole float32 model "
-                      f"{fl['build_s'] + fl['sample_s']:.0f} s (load {fl['build_s']:.0f} s), peak RSS "
-                      f"{fl['peak_before_scoring_mb'] / 1024:.2f} GiB; INT8 sampler read layer by layer "
-                      f"{i8['build_s'] + i8['sample_s']:.0f} s (build {i8['build_s']:.0f} s), peak RSS "
-                      f"{i8['peak_before_scoring_mb'] / 1024:.2f} GiB. The float model's perplexity on the text: its own "
-                      f"{fl['float_ppl']['float']:.2f}, the INT8 sampler's {fl['float_ppl']['int8']:.2f}.")
-    _write(OUT / f"sampler_{args.model}.json", res)
+        _write(path, res)
+    argv = [sys.executable, str(Path(__file__).resolve()), "sampler-child", str(folder), "score", str(work)]
+    got = run_command(argv, WORK / f"sampler_{args.model}_score.log")
+    if got["exit"] != 0:
+        raise SystemExit(f"the scoring child failed: {got['last_line']}")
+    for kind, ppl in json.loads(got["last_line"]).items():
+        if kind in res["kinds"]:
+            res["kinds"][kind]["float_ppl_of_text"] = ppl
+    parts = []
+    for kind, k in res["kinds"].items():
+        parts.append(f"{kind} {k['build_s'] + k['sample_s']:.0f} s (load {k['build_s']:.0f} s), peak RSS "
+                     f"{k['peak_before_scoring_mb'] / 1024:.2f} GiB, the float model's perplexity on its text "
+                     f"{k.get('float_ppl_of_text', float('nan')):.2f}")
+    res["summary"] = f"{res['model']}: sampling 8 x 512 tokens of the default mix: " + "; ".join(parts) + "."
+    _write(path, res)
     print(res["summary"])
 
 
@@ -307,14 +317,18 @@ def sampler_child(args) -> None:
     from runtime.sources import parse_data_spec
     from sasq_edge.data import bos_of, self_windows
     from sasq_edge.evaluate import perplexity
-    from sasq_edge.layerwise import int8_sampler
+    from sasq_edge.layerwise import bf16_sampler
     from sasq_edge.models import LoadedModel, load_model
 
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()  # sample afresh, never from a cache
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.kind == "score":  # the float model scores every sample set present
+        model = load_model(args.folder).model
+        print(json.dumps({f.stem: perplexity(model, np.load(f), desc=f"score {f.stem}").ppl for f in sorted(work.glob("*.npy"))}))
+        return
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()  # sample afresh, never from a cache
     t = time.perf_counter()
-    model = int8_sampler(Path(args.folder)) if args.kind == "int8" else load_model(args.folder).model
+    model = bf16_sampler(Path(args.folder)) if args.kind == "bf16" else load_model(args.folder).model
     build = time.perf_counter() - t
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     source = parse_data_spec("self:8").sources[0]
@@ -324,11 +338,8 @@ def sampler_child(args) -> None:
     sample = time.perf_counter() - t
     np.save(work / f"{args.kind}.npy", tokens)
     peak = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))) / 1024
-    out = {"build_s": round(build, 1), "sample_s": round(sample, 1), "peak_before_scoring_mb": round(peak, 1),
-           "threads": torch.get_num_threads()}
-    if args.kind == "float":  # the float model scores both sets (the int8 child ran first)
-        out["float_ppl"] = {k: perplexity(model, np.load(work / f"{k}.npy"), desc=f"score {k}").ppl for k in ("float", "int8")}
-    print(json.dumps(out))
+    print(json.dumps({"build_s": round(build, 1), "sample_s": round(sample, 1), "peak_before_scoring_mb": round(peak, 1),
+                      "threads": torch.get_num_threads()}))
 
 
 LABELS = {"default": "the default command (block-wise)", "wikitext": "block-wise, calibrated on WikiText-2 alone",
@@ -420,9 +431,10 @@ def main() -> None:
     pr.add_argument("--work", default="/tmp/sasq-scale", help="where the random 7B checkpoint is made once (13.5 GB)")
     sa = sub.add_parser("sampler")
     sa.add_argument("model", choices=list(MODELS))
+    sa.add_argument("--kinds", default="float,bf16", help="the samplers to (re)sample: float, bf16, int8")
     sc = sub.add_parser("sampler-child")
     sc.add_argument("folder")
-    sc.add_argument("kind", choices=["int8", "float"])
+    sc.add_argument("kind", choices=["float", "bf16", "score"])
     sc.add_argument("work")
     ch = sub.add_parser("project-child")
     ch.add_argument("folder")

@@ -104,29 +104,12 @@ def selfgen_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sasq-edge" / "selfgen"
 
 
-def _state_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
-    """``state_dict`` entries as plain tensors, sorted: a dynamically quantized linear's packed
-    (weight, bias) pair unpacked, its INT8 weight as codes; its non-tensor entries left out."""
-    out = []
-    for name, v in state.items():
-        parts = v if isinstance(v, tuple) else (v,)
-        for j, t in enumerate(parts):
-            if isinstance(t, torch.Tensor):
-                out.append((name if len(parts) == 1 else f"{name}.{j}", t.int_repr() if t.is_quantized else t))
-    return sorted(out, key=lambda item: item[0])
-
-
-def is_int8_sampler(model: nn.Module) -> bool:
-    """Whether ``model`` samples through dynamically quantized INT8 linears (``layerwise.int8_sampler``)."""
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
-
-
 def weights_sample_digest(model: nn.Module) -> str:
     """A cheap digest of the weights (every tensor's name, shape and up to 4096 strided values):
-    two checkpoints of one architecture (one ``model_fingerprint``), or the float and the INT8
-    sampler of one checkpoint, get different cache entries."""
+    two checkpoints of one architecture (one ``model_fingerprint``), or the float32 and the bf16
+    sampler of one checkpoint (the dtype is hashed), get different cache entries."""
     h = hashlib.sha256()
-    for name, t in _state_tensors(model.state_dict()):
+    for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
@@ -201,7 +184,8 @@ def self_windows(lm, source: Source, seq_len: int, bos: int | None, *, progress:
     model and settings reads the cache and says so."""
     settings = selfgen_settings(source, seq_len, bos)
     path = selfgen_path(lm.model, settings)
-    sampler = "the model with INT8 dynamic linears" if is_int8_sampler(lm.model) else "the float model"
+    dtype = next(lm.model.parameters()).dtype
+    sampler = "the float model" if dtype == torch.float32 else f"the float model in {str(dtype).removeprefix('torch.')}"
     what = (f"{source.count} sequences sampled from {sampler} (temperature {source.temperature:g}"
             + (f", top_k {source.top_k}" if source.top_k else "") + f", seed {source.seed})")
     tokens = _read_cache(path, settings)

@@ -165,42 +165,40 @@ def test_layerwise_samples_text_from_the_float_model_where_it_fits(folder, tmp_p
     assert code == 2 and "self: samples text" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
-def test_large_models_sample_text_through_int8_linears_read_layer_by_layer(folder, tmp_path, data_dir, capsys, monkeypatch):
-    """Above ``SAMPLER_INT8_ABOVE`` the mix's sampled text comes from the model read one layer at a
-    time, each decoder linear a dynamically quantized INT8 linear: it follows the float model, its
-    cache entry is its own, and the record says which model wrote the text."""
+def test_large_models_sample_text_in_bf16_read_layer_by_layer(folder, tmp_path, data_dir, capsys, monkeypatch):
+    """Above ``SAMPLER_BF16_ABOVE`` on a CPU with native bf16, the mix's sampled text comes from a
+    bf16 copy of the model built one layer at a time: it follows the float model, its cache entry
+    is its own, and the record says which model wrote the text. Without native bf16 the float32
+    model samples, where it fits."""
     from sasq_edge import layerwise
-    from sasq_edge.data import is_int8_sampler, weights_sample_digest
+    from sasq_edge.data import weights_sample_digest
     from sasq_edge.models import load_model
 
-    sampler = layerwise.int8_sampler(folder)
+    sampler = layerwise.bf16_sampler(folder)
     flt = load_model(str(folder)).model
-    cfg = flt.config
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    dynamic = [n for n, m in sampler.named_modules() if isinstance(m, DynamicLinear)]
-    assert len(dynamic) == cfg.num_hidden_layers * 7 and all(n.startswith("model.layers.") for n in dynamic)
+    assert {p.dtype for p in sampler.parameters()} == {torch.bfloat16}
     assert sampler.lm_head.weight is sampler.model.embed_tokens.weight  # tied: the table is held once
     ids = torch.from_numpy(WINDOWS[:2, :48])
     with torch.no_grad():
-        a, b = sampler(input_ids=ids).logits, flt(input_ids=ids).logits
-    # INT8 weights per channel and INT8 activations per call: about 1 % of the largest logit (measured 1.4 %) on
-    # this random model; a broken sampler (wrong layer, untied head, float weights left on meta) is O(1) off
+        a, b = sampler(input_ids=ids).logits.float(), flt(input_ids=ids).logits
+    # bf16 keeps 8 significant bits: weights and activations round by 2^-9 relative, about 1 % of the largest logit
+    # after two layers (measured 0.3 %); a broken sampler (a layer left on meta, an untied head) is O(1) off
     assert float((a - b).abs().max() / b.abs().max()) < 0.05
     assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.9
-    assert is_int8_sampler(sampler) and not is_int8_sampler(flt)
     assert weights_sample_digest(sampler) != weights_sample_digest(flt)
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(layerwise, "SAMPLER_INT8_ABOVE", 0)
-    code = export_main([str(tmp_path / "out" / "model.onnx"), "--model", str(folder), "--layerwise", "--seq-len", "64",
-                        "--data", "0.5*wikitext2,0.5*self:4", "--data-dir", str(data_dir), "--block-windows", "4",
-                        "--block-steps", "1"])
-    err = capsys.readouterr().err
-    assert code == 0, err
-    assert "sampling the mix's text with INT8 dynamic linears" in err
-    data = json.dumps(json.loads((tmp_path / "out" / "recipe.json").read_text())["training"]["data"])
-    assert "sampled from the model with INT8 dynamic linears" in data
+    monkeypatch.setattr(layerwise, "SAMPLER_BF16_ABOVE", 0)
+    argv = ["--model", str(folder), "--layerwise", "--seq-len", "64", "--data", "0.5*wikitext2,0.5*self:4", "--data-dir",
+            str(data_dir), "--block-windows", "4", "--block-steps", "1"]
+    for native, out in ((True, "bf16"), (False, "f32")):
+        monkeypatch.setattr(layerwise, "native_bf16", lambda native=native: native)
+        code = export_main([str(tmp_path / out / "model.onnx"), *argv])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert ("sampling the mix's text from the model in bf16" in err) is native
+        data = json.dumps(json.loads((tmp_path / out / "recipe.json").read_text())["training"]["data"])
+        assert ("sampled from the float model in bfloat16" in data) is native, data
 
 
 def test_layerwise_needs_a_local_safetensors_folder(tmp_path):
