@@ -298,14 +298,23 @@ def sampler_stage(args) -> None:
     for kind, ppl in json.loads(got["last_line"]).items():
         if kind in res["kinds"]:
             res["kinds"][kind]["float_ppl_of_text"] = ppl
-    parts = []
+    res["summary"] = sampler_summary(res)
+    _write(path, res)
+    print(res["summary"])
+
+
+def sampler_summary(res: dict) -> str:
+    parts, notes = [], []
     for kind, k in res["kinds"].items():
         parts.append(f"{kind} {k['build_s'] + k['sample_s']:.0f} s (load {k['build_s']:.0f} s), peak RSS "
                      f"{k['peak_before_scoring_mb'] / 1024:.2f} GiB, the float model's perplexity on its text "
                      f"{k.get('float_ppl_of_text', float('nan')):.2f}")
-    res["summary"] = f"{res['model']}: sampling 8 x 512 tokens of the default mix: " + "; ".join(parts) + "."
-    _write(path, res)
-    print(res["summary"])
+        if k.get("note"):
+            notes.append(f"{kind}: {k['note']}")
+    m = res.get("machine", {})
+    cpu = "an AVX512-VNNI/BF16 CPU" if m.get("avx512_vnni") else "an AVX2 CPU"
+    return (f"{res['model']}, {m.get('cores')} cores of {cpu}: sampling 8 x 512 tokens of the default mix: " + "; ".join(parts)
+            + "." + "".join(f" Note, {n}." for n in notes))
 
 
 def sampler_child(args) -> None:
@@ -398,6 +407,7 @@ def report_stage(args) -> None:
     for key in MODELS:
         samp = _load(OUT / f"sampler_{key}.json")
         if samp:
+            samp["summary"] = sampler_summary(samp)
             out.setdefault("sampler", {})[key] = samp
             lines += [f"## Sampling the mix's text: {samp['model']}", "", f"`python bench/blockwise.py sampler {key}`: "
                       f"{samp['summary']}", ""]
