@@ -98,12 +98,25 @@ def run_command(argv: list[str], log: Path) -> dict:
             "plan": next((ln for ln in lines if "training block by block" in ln), None)}
 
 
+def model_results(folder: Path):
+    """(model key, results) of each model with a results file in ``folder``, in ``MODELS`` order."""
+    for key in MODELS:
+        res = _load(folder / f"{key}.json")
+        if res:
+            yield key, res
+
+
+def pending_rows(path: Path, args) -> tuple[dict, list[str]]:
+    """The results in ``path`` (new ones: the model and this machine) and the rows of ``--rows``
+    still to run (every one with ``--force``)."""
+    res = _load(path) or {"model": MODELS[args.model][1], "machine": machine(), "rows": {}}
+    return res, [r for r in args.rows.split(",") if args.force or res["rows"].get(r, {}).get("exit") != 0]
+
+
 def export_stage(args) -> None:
     path = OUT / f"{args.model}.json"
-    res = _load(path) or {"model": MODELS[args.model][1], "machine": machine(), "rows": {}}
-    for row in args.rows.split(","):
-        if row in res["rows"] and res["rows"][row].get("exit") == 0 and not args.force:
-            continue
+    res, rows = pending_rows(path, args)
+    for row in rows:
         onnx = WORK / args.model / row / "model.onnx"
         model, extra = MODELS[args.model][0], list(ROWS[row])
         if row == "calibration" and model.endswith(".gguf"):
@@ -143,30 +156,37 @@ def eval_windows(tokenizer) -> dict[str, np.ndarray]:
 
 
 def eval_stage(args) -> None:
+    eval_rows(OUT / f"{args.model}.json", WORK / args.model, args.threads, args.model)
+
+
+def eval_rows(path: Path, work: Path, threads: int, label: str) -> tuple[dict, dict[str, Path]]:
+    """ONNX Runtime perplexity of every exported row of ``path`` (``work/ROW/model.onnx``) on every
+    domain not yet measured, written back as it goes. Returns the results and the rows' files."""
     from runtime.folder import load_tokenizer
     from runtime.perplexity import perplexity
     from runtime.session import open_session
 
-    path = OUT / f"{args.model}.json"
     res = _load(path)
-    windows = None
+    windows, done = None, {}
     for row, got in res.get("rows", {}).items():
-        onnx = WORK / args.model / row / "model.onnx"
+        onnx = work / row / "model.onnx"
         if got.get("exit") != 0 or not onnx.is_file():
             continue
+        done[row] = onnx
         ppl = got.setdefault("ppl", {})
         todo = [d for d in DOMAINS if d not in ppl]
         if not todo:
             continue
         windows = windows or eval_windows(load_tokenizer(str(onnx.parent)))
-        session = open_session(onnx, ["cpu"], args.threads)
+        session = open_session(onnx, ["cpu"], threads)
         for d in todo:
             t = time.perf_counter()
             r = perplexity(session, windows[d], desc=f"{row} {d}")
             ppl[d] = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "eval_s": round(time.perf_counter() - t, 1)}
             _write(path, res)
-            print(args.model, row, d, f"{r.ppl:.4f}", flush=True)
+            print(label, row, d, f"{r.ppl:.4f}", flush=True)
         del session
+    return res, done
 
 
 def float_torch_stage(args) -> None:
@@ -365,10 +385,7 @@ def report_stage(args) -> None:
              "`sasq-export` process on a 2-core machine; the profile column says which CPU a row ran on (cpu-avx2: "
              "an AVX2-only CPU, 7-bit weights; cpu-vnni: a VNNI CPU, 8-bit weights; the float export is the same "
              "on both). Rows measured while other work shared the 2 cores have inflated wall times (marked).", ""]
-    for key in MODELS:
-        res = _load(OUT / f"{key}.json")
-        if not res:
-            continue
+    for key, res in model_results(OUT):
         out["models"][key] = res
         rows = res["rows"]
         ref = rows.get("float", {}).get("ppl", {})
@@ -416,21 +433,32 @@ def report_stage(args) -> None:
         if proj:
             out.setdefault("projections", {})[key] = proj
             lines += [f"## Projection: {proj['model']}", "", f"`python bench/blockwise.py project {key}`: {proj['summary']}", ""]
-    _write(HERE / "results" / "blockwise.json", out)
-    (HERE / "results" / "blockwise.md").write_text("\n".join(lines))
+    write_report("blockwise", out, lines)
+
+
+def write_report(name: str, obj: dict, lines: list[str]) -> None:
+    """bench/results/NAME.json and NAME.md; the table printed too."""
+    _write(HERE / "results" / f"{name}.json", obj)
+    (HERE / "results" / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def add_export_eval(sub, rows) -> argparse.ArgumentParser:
+    """The ``export MODEL [--rows] [--force]`` and ``eval MODEL [--threads]`` stages; returns eval's parser."""
+    e = sub.add_parser("export")
+    e.add_argument("model", choices=list(MODELS))
+    e.add_argument("--rows", default=",".join(rows))
+    e.add_argument("--force", action="store_true")
+    v = sub.add_parser("eval")
+    v.add_argument("model", choices=list(MODELS))
+    v.add_argument("--threads", type=int, default=2)
+    return v
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
-    e = sub.add_parser("export")
-    e.add_argument("model", choices=list(MODELS))
-    e.add_argument("--rows", default=",".join(ROWS))
-    e.add_argument("--force", action="store_true")
-    v = sub.add_parser("eval")
-    v.add_argument("model", choices=list(MODELS))
-    v.add_argument("--threads", type=int, default=2)
+    add_export_eval(sub, ROWS)
     ft = sub.add_parser("float-torch")
     ft.add_argument("model", choices=list(MODELS))
     ft.add_argument("--threads", type=int, default=2)

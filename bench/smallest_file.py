@@ -27,7 +27,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from blockwise import DATA, DOMAINS, MODELS, SEQ_LEN, WINDOWS, _load, _write, eval_windows, machine, run_command  # noqa: E402
+from blockwise import (  # noqa: E402
+    DATA,
+    DOMAINS,
+    MODELS,
+    SEQ_LEN,
+    WINDOWS,
+    _write,
+    add_export_eval,
+    eval_rows,
+    model_results,
+    pending_rows,
+    run_command,
+    write_report,
+)
 
 OUT = HERE / "results" / "smallest_file"
 WORK = HERE / ".work" / "smallest_file"
@@ -48,10 +61,8 @@ def _file_mb(onnx: Path) -> float:
 
 def export_stage(args) -> None:
     path = OUT / f"{args.model}.json"
-    res = _load(path) or {"model": MODELS[args.model][1], "machine": machine(), "rows": {}}
-    for row in args.rows.split(","):
-        if row in res["rows"] and res["rows"][row].get("exit") == 0 and not args.force:
-            continue
+    res, rows = pending_rows(path, args)
+    for row in rows:
         onnx = WORK / args.model / row / "model.onnx"
         argv = ["sasq-export", str(onnx), "--model", MODELS[args.model][0], *ROWS[row]]
         print("running", " ".join(argv), flush=True)
@@ -73,27 +84,8 @@ def _memory(onnx: Path, context: int) -> dict:
 
 
 def eval_stage(args) -> None:
-    from runtime.folder import load_tokenizer
-    from runtime.perplexity import perplexity
-    from runtime.session import open_session
-
     path = OUT / f"{args.model}.json"
-    res = _load(path)
-    done = {row: WORK / args.model / row / "model.onnx" for row, got in res.get("rows", {}).items() if got.get("exit") == 0}
-    windows = None
-    for row, onnx in done.items():
-        ppl = res["rows"][row].setdefault("ppl", {})
-        todo = [d for d in DOMAINS if d not in ppl]
-        if not todo:
-            continue
-        windows = windows or eval_windows(load_tokenizer(str(onnx.parent)))
-        session = open_session(onnx, ["cpu"], args.threads)
-        for d in todo:
-            r = perplexity(session, windows[d], desc=f"{row} {d}")
-            ppl[d] = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens}
-            _write(path, res)
-            print(args.model, row, d, f"{r.ppl:.4f}", flush=True)
-        del session
+    res, done = eval_rows(path, WORK / args.model, args.threads, args.model)
     for context in CONTEXTS:  # the rows interleaved, one context at a time
         for row, onnx in done.items():
             mem = res["rows"][row].setdefault("memory", {})
@@ -115,10 +107,7 @@ def report_stage(args) -> None:
              f"default row's on any domain (budget {100 * BUDGET:.1f} %). Memory at run time: one fresh process per row "
              f"and context, one thread, default session settings, prefill `context - {NEW_TOKENS}` tokens, decode "
              f"{NEW_TOKENS} (bench/memory_runtime.py's measurement); peak RSS in MiB, its ratio to the file's size.", ""]
-    for key in MODELS:
-        res = _load(OUT / f"{key}.json")
-        if not res:
-            continue
+    for key, res in model_results(OUT):
         out["models"][key] = res
         rows = res["rows"]
         ref = {d: rows.get("float", {}).get("ppl", {}).get(d, {}).get("ppl") for d in DOMAINS}
@@ -150,21 +139,13 @@ def report_stage(args) -> None:
             lines.append(f"| {row} | `{' '.join(ROWS[row]) or '(plain)'}` | {got['file_mb']} | " + " | ".join(cells)
                          + f" | {cost} | " + " | ".join(mem) + " |")
         lines.append("")
-    _write(HERE / "results" / "smallest_file.json", out)
-    (HERE / "results" / "smallest_file.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report("smallest_file", out, lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
-    e = sub.add_parser("export")
-    e.add_argument("model", choices=list(MODELS))
-    e.add_argument("--rows", default=",".join(ROWS))
-    e.add_argument("--force", action="store_true")
-    v = sub.add_parser("eval")
-    v.add_argument("model", choices=list(MODELS))
-    v.add_argument("--threads", type=int, default=2)
+    v = add_export_eval(sub, ROWS)
     v.add_argument("--force", action="store_true", help="measure the memory again")
     sub.add_parser("report")
     args = p.parse_args()
