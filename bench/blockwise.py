@@ -8,7 +8,8 @@ Qwen2.5-Coder-0.5B / -1.5B-Instruct (Q4_K_M-dequantized) on this CPU.
     python bench/blockwise.py project qwen1.5b     # the first blocks of the pass, the rest projected (also: 7b)
     python bench/blockwise.py sampler qwen1.5b     # the default mix's sampled text: float32 model against the bf16 sampler
 
-Rows, each the command a user types (``SASQ_DATA_DIR`` set to the offline WikiText-2 folder):
+Rows, each the command a user types (``SASQ_DATA_DIR`` set to the offline WikiText-2 folder;
+``--rows default@vnni`` measures a row again under its own name, on another machine):
 
 - ``default``: ``sasq-export OUT/model.onnx --model M``: wall time and peak RSS of the process
   (``os.wait4``'s ``ru_maxrss`` of that child alone);
@@ -118,7 +119,7 @@ def export_stage(args) -> None:
     res, rows = pending_rows(path, args)
     for row in rows:
         onnx = WORK / args.model / row / "model.onnx"
-        model, extra = MODELS[args.model][0], list(ROWS[row])
+        model, extra = MODELS[args.model][0], list(ROWS[row.split("@")[0]])
         if row == "calibration" and model.endswith(".gguf"):
             # what a model read layer by layer got before block-wise training: PTQ one layer at a time,
             # SmoothQuant alpha 0.5, through the GGUF's converted folder (the default row made it)
@@ -397,7 +398,7 @@ def report_stage(args) -> None:
                 p = got.get("ppl", {}).get(d, {}).get("ppl")
                 r = ref.get(d, {}).get("ppl")
                 cells.append("—" if p is None else f"{p:.3f}" + ("" if row == "float" or r is None else f" ({p / r:.3f}x)"))
-            flags = " ".join(ROWS[row]) or "(plain)"
+            flags = " ".join(ROWS[row.split("@")[0]]) or "(plain)"
             if "--layerwise" in got.get("command", ""):
                 flags += " --layerwise` on the converted folder `"
             prof = re.search(r"profile ([\w-]+)", got.get("last_line", ""))
@@ -406,7 +407,9 @@ def report_stage(args) -> None:
                 lines.append("| float, PyTorch float32 (reference: the float export does not fit this machine) | "
                              "`python bench/blockwise.py float-torch` | float | — | — | " + " | ".join(cells) + " |")
                 continue
-            lines.append(f"| {LABELS.get(row, row)} | `{flags}` | {prof.group(1) if prof else '?'} | "
+            base, _, where = row.partition("@")  # ROW@TAG: the same command measured again elsewhere
+            label = LABELS.get(base, base) + (f" ({where})" if where else "")
+            lines.append(f"| {label} | `{flags}` | {prof.group(1) if prof else '?'} | "
                          f"{got['wall_s'] / 60:.1f} min{shared} | "
                          f"{got['peak_rss_mb'] / 1024:.2f} GiB | " + " | ".join(cells) + " |")
         bw = rows.get("default", {}).get("blockwise")
