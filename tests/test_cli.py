@@ -67,7 +67,9 @@ def test_export_with_scales_json(tmp_path, run_dir, capsys):
     res = _json_tail(capsys)
     assert res["quantize_linear"] == 14 and res["dequantize_linear"] == 28
     assert res["profile"] == json.loads((run_dir / "recipe.json").read_text())["deploy"]["profile"]  # the scales' own
-    assert res["bytes"] == out.stat().st_size and res["onnx"] == str(out)
+    data = out.parent / (out.name + ".data")  # the fused graph's weights, mapped by ONNX Runtime
+    assert res["external_data"] is data.is_file() and res["onnx"] == str(out)
+    assert res["bytes"] == out.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def test_export_trains_when_no_scales(tmp_path, data_dir, capsys):
